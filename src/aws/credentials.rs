@@ -1,0 +1,245 @@
+//! AWS credentials: a base source (default chain, profile or static keys), then an optional
+//! chain of AssumeRole hops, each hop cached and refreshed ahead of its expiry.
+//!
+//! aws-config's providers do not cache when called directly, so every hop is wrapped in
+//! [`CachedCredentials`]: one STS call per hop per refresh, however many callers wait.
+
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use aws_config::sts::AssumeRoleProvider;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, SdkConfig};
+use aws_credential_types::provider::{
+    error::CredentialsError, future, ProvideCredentials, SharedCredentialsProvider,
+};
+use aws_credential_types::Credentials;
+use aws_sdk_sts::error::ProvideErrorMetadata;
+use aws_types::region::Region;
+
+use crate::config::{BaseCredentials, CredentialSpec};
+
+/// Refresh credentials this long before they expire.
+const REFRESH_AHEAD: Duration = Duration::from_secs(10 * 60);
+
+/// Why credentials could not be had, worded for the user (it quotes STS when STS refused).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct CredentialsFailure(pub String);
+
+/// The credential chain of one identity: base source, then hops. Cheap to clone.
+#[derive(Clone)]
+pub struct CredentialChain {
+    identity: String,
+    top: Arc<CachedCredentials>,
+}
+
+impl fmt::Debug for CredentialChain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialChain({})", self.identity)
+    }
+}
+
+impl CredentialChain {
+    /// Build the providers; nothing is fetched until [`CredentialChain::credentials`].
+    pub async fn build(spec: &CredentialSpec) -> CredentialChain {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(spec.sts_region.clone()))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(Duration::from_secs(10))
+                    .operation_timeout(Duration::from_secs(30))
+                    .build(),
+            );
+        let base_name;
+        match &spec.base {
+            BaseCredentials::DefaultChain => base_name = "default chain".to_string(),
+            BaseCredentials::Profile(p) => {
+                base_name = format!("profile {p}");
+                loader = loader.profile_name(p);
+            }
+            BaseCredentials::Static {
+                access_key_id,
+                secret_access_key,
+                session_token,
+            } => {
+                base_name = format!("static key {access_key_id}");
+                loader = loader.credentials_provider(Credentials::new(
+                    access_key_id.clone(),
+                    secret_access_key.clone(),
+                    session_token.clone(),
+                    None,
+                    "rds-iam-proxy config",
+                ));
+            }
+        }
+        let sdk_config: SdkConfig = loader.load().await;
+        let base: SharedCredentialsProvider = match sdk_config.credentials_provider() {
+            Some(p) => p,
+            None => SharedCredentialsProvider::new(NoCredentials),
+        };
+        let mut top = Arc::new(CachedCredentials::new(base_name, base));
+        for hop in &spec.hops {
+            let mut b = AssumeRoleProvider::builder(hop.role_arn.clone())
+                .session_name(hop.session_name.clone())
+                .region(Region::new(spec.sts_region.clone()))
+                .configure(&sdk_config);
+            if let Some(id) = &hop.external_id {
+                b = b.external_id(id.clone());
+            }
+            if let Some(d) = hop.session_duration {
+                b = b.session_length(d);
+            }
+            let provider = b.build_from_provider(CachedHop(top.clone())).await;
+            top = Arc::new(CachedCredentials::new(
+                format!("role {}", hop.role_arn),
+                SharedCredentialsProvider::new(provider),
+            ));
+        }
+        CredentialChain {
+            identity: spec.identity(),
+            top,
+        }
+    }
+
+    /// A printable identity (key ids and ARNs, no secrets).
+    pub fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    /// Credentials of the last hop, fetched or refreshed as needed.
+    pub async fn credentials(&self) -> Result<Credentials, CredentialsFailure> {
+        self.top.get().await
+    }
+}
+
+struct NoCredentials;
+
+impl fmt::Debug for NoCredentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NoCredentials")
+    }
+}
+
+impl ProvideCredentials for NoCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::ready(Err(CredentialsError::not_loaded(
+            "the default credential chain found no credentials",
+        )))
+    }
+}
+
+/// One hop's credentials, cached until shortly before they expire.
+struct CachedCredentials {
+    name: String,
+    inner: SharedCredentialsProvider,
+    current: RwLock<Option<Credentials>>,
+    /// Held while fetching, so concurrent callers share one fetch.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl CachedCredentials {
+    fn new(name: String, inner: SharedCredentialsProvider) -> Self {
+        CachedCredentials {
+            name,
+            inner,
+            current: RwLock::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn fresh(&self, now: SystemTime) -> Option<Credentials> {
+        let cur = self.current.read().unwrap();
+        cur.as_ref()
+            .filter(|c| c.expiry().is_none_or(|e| now + REFRESH_AHEAD < e))
+            .cloned()
+    }
+
+    async fn get(&self) -> Result<Credentials, CredentialsFailure> {
+        if let Some(c) = self.fresh(SystemTime::now()) {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if let Some(c) = self.fresh(SystemTime::now()) {
+            return Ok(c);
+        }
+        let started = std::time::Instant::now();
+        match self.inner.provide_credentials().await {
+            Ok(c) => {
+                tracing::info!(
+                    source = %self.name,
+                    access_key_id = %c.access_key_id(),
+                    expires = %c.expiry().map(crate::util::rfc3339).unwrap_or_else(|| "never".into()),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "credentials refreshed"
+                );
+                *self.current.write().unwrap() = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                let reason = describe_error(&e);
+                // A failed refresh keeps credentials that are still valid.
+                let now = SystemTime::now();
+                let still_valid = self
+                    .current
+                    .read()
+                    .unwrap()
+                    .as_ref()
+                    .filter(|c| c.expiry().is_none_or(|e| now < e))
+                    .cloned();
+                tracing::warn!(source = %self.name, error = %reason, kept_previous = still_valid.is_some(), "credential refresh failed");
+                still_valid.ok_or_else(|| CredentialsFailure(format!("{}: {reason}", self.name)))
+            }
+        }
+    }
+}
+
+/// Adapter so the next hop's STS client signs with this hop's cached credentials.
+#[derive(Clone)]
+struct CachedHop(Arc<CachedCredentials>);
+
+impl fmt::Debug for CachedHop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CachedHop({})", self.0.name)
+    }
+}
+
+impl ProvideCredentials for CachedHop {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::new(async move {
+            self.0
+                .get()
+                .await
+                .map_err(|e| CredentialsError::provider_error(e.0))
+        })
+    }
+}
+
+/// The most useful words in an SDK error chain: STS's own code and message when it has them.
+fn describe_error(e: &CredentialsError) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut parts: Vec<String> = Vec::new();
+    while let Some(err) = source {
+        if let Some(sts) =
+            err.downcast_ref::<aws_sdk_sts::operation::assume_role::AssumeRoleError>()
+        {
+            let code = sts.code().unwrap_or("error");
+            let msg = sts.message().unwrap_or("no message");
+            return format!("STS refused AssumeRole: {code}: {msg}");
+        }
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        source = err.source();
+    }
+    parts.join(": ")
+}

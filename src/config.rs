@@ -1,0 +1,666 @@
+//! Configuration: one TOML file (`--config` or `RDS_IAM_PROXY_CONFIG`) describing targets.
+//!
+//! Everything is validated before the proxy binds a port, and every refusal names the key
+//! and the fix, so a bad deploy fails at start rather than at the first client.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    Postgres,
+    Mysql,
+}
+
+impl Engine {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Engine::Postgres => "postgres",
+            Engine::Mysql => "mysql",
+        }
+    }
+}
+
+/// How the upstream certificate is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// Chain to `ca_file` and the name `host` (like libpq's `verify-full`).
+    #[default]
+    VerifyFull,
+    /// Chain to `ca_file` only; for endpoints reached under a name the certificate lacks.
+    VerifyCa,
+}
+
+/// One `[[target]]` table as written by the user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub engine: Engine,
+    pub listen: String,
+    pub host: String,
+    pub port: Option<u16>,
+    pub connect_to: Option<String>,
+    pub region: Option<String>,
+    pub db_user: String,
+    pub database: Option<String>,
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub tls_mode: TlsMode,
+    /// Seconds to wait for TCP connect + TLS to the upstream.
+    pub connect_timeout: Option<u64>,
+
+    // Base credentials: the default chain unless one of these is given.
+    pub profile: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub session_token: Option<String>,
+    /// Region for STS calls; defaults to `AWS_REGION`, then the target's region.
+    pub sts_region: Option<String>,
+
+    // The last (or only) hop of the role chain.
+    pub role_arn: Option<String>,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+    /// Seconds; STS allows 900..=43200, and at most 3600 for a chained role.
+    pub session_duration: Option<u64>,
+
+    /// Hops assumed, in order, before `role_arn`.
+    #[serde(default)]
+    pub role_chain: Vec<RoleHopConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleHopConfig {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: Option<String>,
+    pub session_duration: Option<u64>,
+}
+
+/// Where base credentials come from.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum BaseCredentials {
+    DefaultChain,
+    Profile(String),
+    Static {
+        access_key_id: String,
+        secret_access_key: String,
+        session_token: Option<String>,
+    },
+}
+
+impl fmt::Debug for BaseCredentials {
+    // Never print the secret or the session token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BaseCredentials::DefaultChain => f.write_str("DefaultChain"),
+            BaseCredentials::Profile(p) => write!(f, "Profile({p})"),
+            BaseCredentials::Static { access_key_id, .. } => {
+                write!(f, "Static({access_key_id}, secret=<redacted>)")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoleHop {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+    pub session_duration: Option<Duration>,
+}
+
+/// Where AWS credentials come from, fully resolved: base source then role hops in order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CredentialSpec {
+    pub base: BaseCredentials,
+    pub hops: Vec<RoleHop>,
+    pub sts_region: String,
+}
+
+impl CredentialSpec {
+    /// A printable identity for logs and cache keys: no secrets, only key ids and ARNs.
+    pub fn identity(&self) -> String {
+        let mut s = match &self.base {
+            BaseCredentials::DefaultChain => "default-chain".to_string(),
+            BaseCredentials::Profile(p) => format!("profile:{p}"),
+            BaseCredentials::Static { access_key_id, .. } => format!("static:{access_key_id}"),
+        };
+        for hop in &self.hops {
+            s.push_str(" -> ");
+            s.push_str(&hop.role_arn);
+            s.push('#');
+            s.push_str(&hop.session_name);
+        }
+        s
+    }
+}
+
+/// A validated target, ready to serve.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub engine: Engine,
+    pub listen: SocketAddr,
+    pub host: String,
+    pub port: u16,
+    /// The address dialed: `connect_to` if set, else `host:port`.
+    pub dial: String,
+    pub region: String,
+    pub db_user: String,
+    pub database: Option<String>,
+    pub ca_file: PathBuf,
+    pub tls_mode: TlsMode,
+    pub connect_timeout: Duration,
+    pub credentials: CredentialSpec,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub targets: Vec<Target>,
+}
+
+/// A configuration refusal: what is wrong, where, and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+fn err(msg: impl Into<String>) -> ConfigError {
+    ConfigError(msg.into())
+}
+
+pub const DEFAULT_SESSION_NAME: &str = "rds-iam-proxy";
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            err(format!(
+                "cannot read config file {}: {e}; pass an existing file with --config or RDS_IAM_PROXY_CONFIG",
+                path.display()
+            ))
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig = toml::from_str(text).map_err(|e| {
+            err(format!(
+                "config {origin}: {}{}",
+                e.message(),
+                locate(text, e.span())
+            ))
+        })?;
+        if file.targets.is_empty() {
+            return Err(err(format!(
+                "config {origin}: no [[target]] table; add at least one target (see config/example.toml)"
+            )));
+        }
+        let mut targets = Vec::new();
+        let mut names = HashMap::new();
+        let mut listens = HashMap::new();
+        for (i, t) in file.targets.into_iter().enumerate() {
+            let label = if t.name.is_empty() {
+                format!("target #{}", i + 1)
+            } else {
+                format!("target \"{}\"", t.name)
+            };
+            let target =
+                validate_target(t).map_err(|e| err(format!("config {origin}: {label}: {e}")))?;
+            if let Some(prev) = names.insert(target.name.clone(), i) {
+                return Err(err(format!(
+                    "config {origin}: targets #{} and #{} are both named \"{}\"; give each target a unique name",
+                    prev + 1,
+                    i + 1,
+                    target.name
+                )));
+            }
+            if let Some(prev) = listens.insert(target.listen, target.name.clone()) {
+                return Err(err(format!(
+                    "config {origin}: targets \"{prev}\" and \"{}\" both listen on {}; give each target its own `listen` address",
+                    target.name, target.listen
+                )));
+            }
+            targets.push(target);
+        }
+        Ok(Config { targets })
+    }
+
+    pub fn target(&self, name: &str) -> Option<&Target> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+fn locate(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+fn validate_target(t: TargetConfig) -> Result<Target, String> {
+    if t.name.trim().is_empty() {
+        return Err("`name` is empty; give the target a short label such as \"orders\"".into());
+    }
+    let listen: SocketAddr = t.listen.parse().map_err(|_| {
+        format!(
+            "`listen` = \"{}\" is not an IP:PORT address; use e.g. \"127.0.0.1:6432\"",
+            t.listen
+        )
+    })?;
+    if t.host.trim().is_empty() || t.host.contains(':') || t.host.contains('/') {
+        return Err(format!(
+            "`host` = \"{}\" must be the bare RDS endpoint name (no port, no scheme), e.g. \"orders.abc123.us-east-1.rds.amazonaws.com\"",
+            t.host
+        ));
+    }
+    let port = t.port.unwrap_or(match t.engine {
+        Engine::Postgres => 5432,
+        Engine::Mysql => 3306,
+    });
+    if port == 0 {
+        return Err("`port` must be between 1 and 65535".into());
+    }
+    let dial = match &t.connect_to {
+        Some(c) => {
+            if !looks_like_host_port(c) {
+                return Err(format!(
+                    "`connect_to` = \"{c}\" must be HOST:PORT, e.g. \"127.0.0.1:15432\" for an SSH tunnel"
+                ));
+            }
+            c.clone()
+        }
+        None => format!("{}:{}", t.host, port),
+    };
+    let region = match (&t.region, region_from_host(&t.host)) {
+        (Some(r), _) => {
+            if !is_region(r) {
+                return Err(format!(
+                    "`region` = \"{r}\" is not an AWS region name such as \"us-east-1\""
+                ));
+            }
+            r.clone()
+        }
+        (None, Some(r)) => r,
+        (None, None) => {
+            return Err(format!(
+                "`region` is missing and cannot be read from `host` = \"{}\"; add region = \"us-east-1\" (the database's region)",
+                t.host
+            ))
+        }
+    };
+    if t.db_user.trim().is_empty() {
+        return Err(
+            "`db_user` is empty; set it to the database user granted rds_iam / created with AWSAuthenticationPlugin".into(),
+        );
+    }
+    check_ca_file(&t.ca_file)?;
+    if t.engine == Engine::Mysql {
+        return Err("engine = \"mysql\" is not available in this version yet; only \"postgres\" targets can be served".into());
+    }
+
+    let base = match (&t.profile, &t.access_key_id, &t.secret_access_key) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return Err("set either `profile` or `access_key_id` + `secret_access_key`, not both".into())
+        }
+        (Some(p), None, None) => BaseCredentials::Profile(p.clone()),
+        (None, Some(a), Some(s)) => BaseCredentials::Static {
+            access_key_id: a.clone(),
+            secret_access_key: s.clone(),
+            session_token: t.session_token.clone(),
+        },
+        (None, Some(_), None) => {
+            return Err("`access_key_id` is set without `secret_access_key`; add it, or remove both to use the default credential chain".into())
+        }
+        (None, None, Some(_)) => {
+            return Err("`secret_access_key` is set without `access_key_id`; add it, or remove both to use the default credential chain".into())
+        }
+        (None, None, None) => {
+            if t.session_token.is_some() {
+                return Err("`session_token` needs `access_key_id` and `secret_access_key`".into());
+            }
+            BaseCredentials::DefaultChain
+        }
+    };
+
+    let mut hops = Vec::new();
+    for (i, h) in t.role_chain.iter().enumerate() {
+        hops.push(validate_hop(
+            &format!("role_chain[{i}]"),
+            &h.role_arn,
+            &h.external_id,
+            &h.session_name,
+            h.session_duration,
+        )?);
+    }
+    match &t.role_arn {
+        Some(arn) => hops.push(validate_hop(
+            "",
+            arn,
+            &t.external_id,
+            &t.session_name,
+            t.session_duration,
+        )?),
+        None => {
+            if !t.role_chain.is_empty() {
+                return Err(
+                    "`role_chain` is set but `role_arn` (the final role) is missing; add role_arn"
+                        .into(),
+                );
+            }
+            if t.external_id.is_some() || t.session_name.is_some() || t.session_duration.is_some() {
+                return Err("`external_id`, `session_name` and `session_duration` need `role_arn`; add the role to assume or remove them".into());
+            }
+        }
+    }
+    let sts_region = t
+        .sts_region
+        .clone()
+        .or_else(|| std::env::var("AWS_REGION").ok().filter(|r| !r.is_empty()))
+        .unwrap_or_else(|| region.clone());
+
+    Ok(Target {
+        name: t.name,
+        engine: t.engine,
+        listen,
+        host: t.host.to_ascii_lowercase(),
+        port,
+        dial,
+        region,
+        db_user: t.db_user,
+        database: t.database,
+        ca_file: t.ca_file,
+        tls_mode: t.tls_mode,
+        connect_timeout: t
+            .connect_timeout
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        credentials: CredentialSpec {
+            base,
+            hops,
+            sts_region,
+        },
+    })
+}
+
+fn validate_hop(
+    prefix: &str,
+    arn: &str,
+    external_id: &Option<String>,
+    session_name: &Option<String>,
+    duration: Option<u64>,
+) -> Result<RoleHop, String> {
+    let key = |k: &str| {
+        if prefix.is_empty() {
+            format!("`{k}`")
+        } else {
+            format!("`{prefix}.{k}`")
+        }
+    };
+    if !is_role_arn(arn) {
+        return Err(format!(
+            "{} = \"{arn}\" is not a role ARN; expected arn:aws:iam::123456789012:role/NAME",
+            key("role_arn")
+        ));
+    }
+    let session_name = session_name
+        .clone()
+        .unwrap_or_else(|| DEFAULT_SESSION_NAME.to_string());
+    let name_ok = (2..=64).contains(&session_name.len())
+        && session_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c));
+    if !name_ok {
+        return Err(format!(
+            "{} = \"{session_name}\" is not a valid STS session name (2-64 characters of A-Z a-z 0-9 =,.@-_)",
+            key("session_name")
+        ));
+    }
+    if let Some(id) = external_id {
+        if id.len() < 2 || id.len() > 1224 {
+            return Err(format!(
+                "{} must be 2 to 1224 characters long",
+                key("external_id")
+            ));
+        }
+    }
+    if let Some(d) = duration {
+        if !(900..=43200).contains(&d) {
+            return Err(format!(
+                "{} = {d} is out of range; STS accepts 900 to 43200 seconds (3600 at most for a chained role)",
+                key("session_duration")
+            ));
+        }
+    }
+    Ok(RoleHop {
+        role_arn: arn.to_string(),
+        external_id: external_id.clone(),
+        session_name,
+        session_duration: duration.map(Duration::from_secs),
+    })
+}
+
+/// `arn:PARTITION:iam::ACCOUNT:role/PATH/NAME`
+fn is_role_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    if parts.len() != 6 {
+        return false;
+    }
+    let partition_ok = matches!(
+        parts[1],
+        "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b"
+    );
+    let account_ok = parts[4].len() == 12 && parts[4].bytes().all(|b| b.is_ascii_digit());
+    let resource_ok = parts[5]
+        .strip_prefix("role/")
+        .is_some_and(|r| !r.is_empty() && !r.ends_with('/'));
+    parts[0] == "arn"
+        && partition_ok
+        && parts[2] == "iam"
+        && parts[3].is_empty()
+        && account_ok
+        && resource_ok
+}
+
+fn is_region(r: &str) -> bool {
+    let parts: Vec<&str> = r.split('-').collect();
+    parts.len() >= 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        })
+        && parts.last().unwrap().bytes().all(|b| b.is_ascii_digit())
+}
+
+/// `name.id.REGION.rds.amazonaws.com` (and the China partition's `.com.cn`).
+pub fn region_from_host(host: &str) -> Option<String> {
+    let host = host.to_ascii_lowercase();
+    let stem = host
+        .strip_suffix(".rds.amazonaws.com")
+        .or_else(|| host.strip_suffix(".rds.amazonaws.com.cn"))?;
+    let region = stem.rsplit('.').next()?;
+    is_region(region).then(|| region.to_string())
+}
+
+fn looks_like_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((h, p)) => !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p != 0),
+        None => false,
+    }
+}
+
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    let fix = "download the RDS bundle (https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem) and point `ca_file` at it";
+    let data = std::fs::read(path).map_err(|e| {
+        format!(
+            "`ca_file` = \"{}\" cannot be read: {e}; {fix}",
+            path.display()
+        )
+    })?;
+    match crate::tls::parse_certificates(&data) {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        _ => Err(format!(
+            "`ca_file` = \"{}\" holds no PEM certificate; {fix}",
+            path.display()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> String {
+        // Written once: tests run in parallel and must not see a half-written file.
+        static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        PATH.get_or_init(write_ca).clone()
+    }
+
+    fn write_ca() -> String {
+        let dir = std::env::temp_dir().join(format!("rip-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("ca.pem");
+        // A syntactically valid certificate is all the loader checks here.
+        std::fs::write(&p, TEST_CERT).unwrap();
+        p.display().to_string()
+    }
+
+    const TEST_CERT: &str = "-----BEGIN CERTIFICATE-----
+MIIBeTCCAR+gAwIBAgIUGno65h8jDbi28onixuE/KmWyl00wCgYIKoZIzj0EAwIw
+EjEQMA4GA1UEAwwHdGVzdC1jYTAeFw0yNjEyMDQyMTMzMTdaFw0zNjEyMDEyMTMz
+MTdaMBIxEDAOBgNVBAMMB3Rlc3QtY2EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNC
+AAT0BHBfM/q4iqYeLWIOGZHxJb49SqcXotcYs6ENxxLUt2Rw2gP86qau5QChiEqA
+Pfv1jYa7zAKtfWP/2vn0QuGmo1MwUTAdBgNVHQ4EFgQUGUJr3Z++y+uhgl1pQHsf
+6jFBES4wHwYDVR0jBBgwFoAUGUJr3Z++y+uhgl1pQHsf6jFBES4wDwYDVR0TAQH/
+BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiB6YOUmuhEMEaVkwXCHtdXXMUZPkwFi
+YuwX2DQtMj3zOgIhAJ40x+x7TMCt9fQCsrBxm/F3oChyBrbI8P4gzkDOlr4T
+-----END CERTIFICATE-----
+";
+
+    fn base(extra: &str) -> String {
+        format!(
+            "[[target]]\nname = \"orders\"\nengine = \"postgres\"\nlisten = \"127.0.0.1:6432\"\nhost = \"orders.abc123.us-east-1.rds.amazonaws.com\"\ndb_user = \"bytebase\"\nca_file = \"{}\"\n{extra}",
+            ca()
+        )
+    }
+
+    #[test]
+    fn minimal_target_gets_defaults() {
+        let c = Config::parse(&base(""), "t").unwrap();
+        let t = &c.targets[0];
+        assert_eq!(t.port, 5432);
+        assert_eq!(t.region, "us-east-1");
+        assert_eq!(t.dial, "orders.abc123.us-east-1.rds.amazonaws.com:5432");
+        assert_eq!(t.credentials.base, BaseCredentials::DefaultChain);
+        assert!(t.credentials.hops.is_empty());
+    }
+
+    #[test]
+    fn role_chain_orders_hops_before_role_arn() {
+        let c = Config::parse(
+            &base(
+                "role_arn = \"arn:aws:iam::222222222222:role/b\"\nexternal_id = \"x1\"\n[[target.role_chain]]\nrole_arn = \"arn:aws:iam::111111111111:role/a\"\nexternal_id = \"ext\"\n",
+            ),
+            "t",
+        )
+        .unwrap();
+        let hops = &c.targets[0].credentials.hops;
+        assert_eq!(hops.len(), 2);
+        assert_eq!(hops[0].role_arn, "arn:aws:iam::111111111111:role/a");
+        assert_eq!(hops[1].external_id.as_deref(), Some("x1"));
+        assert_eq!(hops[1].session_name, DEFAULT_SESSION_NAME);
+    }
+
+    fn refused(extra_or_full: &str, full: bool) -> String {
+        let text = if full {
+            extra_or_full.to_string()
+        } else {
+            base(extra_or_full)
+        };
+        Config::parse(&text, "t").unwrap_err().0
+    }
+
+    #[test]
+    fn refusals_name_the_key_and_the_fix() {
+        let cases: &[(&str, &str)] = &[
+            ("colour = \"blue\"", "unknown field `colour`"),
+            ("role_arn = \"arn:aws:iam::12:role/x\"", "`role_arn`"),
+            ("role_arn = \"orders-role\"", "is not a role ARN"),
+            (
+                "session_duration = 10\nrole_arn = \"arn:aws:iam::222222222222:role/b\"",
+                "`session_duration` = 10",
+            ),
+            ("access_key_id = \"AKIA\"", "without `secret_access_key`"),
+            ("external_id = \"abc\"", "need `role_arn`"),
+            ("connect_to = \"10.0.0.1\"", "`connect_to`"),
+            ("engine2 = 1", "unknown field `engine2`"),
+        ];
+        for (extra, want) in cases {
+            let msg = refused(extra, false);
+            assert!(msg.contains(want), "{extra:?}: {msg}");
+        }
+        let missing = refused("[[target]]\nname = \"x\"\nengine = \"postgres\"\n", true);
+        assert!(missing.contains("missing field"), "{missing}");
+        let no_region = base("").replace(".us-east-1.rds.amazonaws.com", ".example.com");
+        assert!(refused(&no_region, true).contains("add region"));
+        let bad_ca = base("").replace("ca.pem", "nope.pem");
+        let m = refused(&bad_ca, true);
+        assert!(
+            m.contains("`ca_file`") && m.contains("cannot be read"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn two_targets_on_one_address_are_refused() {
+        let one = base("");
+        let two = format!("{one}\n{}", one.replace("\"orders\"", "\"billing\""));
+        let m = Config::parse(&two, "t").unwrap_err().0;
+        assert!(m.contains("both listen on 127.0.0.1:6432"), "{m}");
+    }
+
+    #[test]
+    fn region_is_read_from_rds_names() {
+        assert_eq!(
+            region_from_host("db.cluster-ro-abc.eu-west-2.rds.amazonaws.com").as_deref(),
+            Some("eu-west-2")
+        );
+        assert_eq!(region_from_host("localhost"), None);
+    }
+
+    #[test]
+    fn debug_never_shows_static_secret() {
+        let c = Config::parse(
+            &base("access_key_id = \"AKIAEXAMPLE\"\nsecret_access_key = \"s3cr3t-value\"\nsession_token = \"tok-value\""),
+            "t",
+        )
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(dbg.contains("AKIAEXAMPLE"));
+        assert!(
+            !dbg.contains("s3cr3t-value") && !dbg.contains("tok-value"),
+            "{dbg}"
+        );
+    }
+}

@@ -1,0 +1,81 @@
+//! Framing helpers on buffers: read one whole message, and patch BackendKeyData.
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Read until `buf` holds one whole tagged message; split it off (tag + length + body).
+/// `Ok(None)` means the peer closed cleanly before a message started.
+pub async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> std::io::Result<Option<BytesMut>> {
+    loop {
+        if buf.len() >= 5 {
+            let len = (&buf[1..5]).get_i32();
+            if len < 4 || len as usize > max_len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("message '{}' has length {len}", buf[0] as char),
+                ));
+            }
+            let total = 1 + len as usize;
+            if buf.len() >= total {
+                return Ok(Some(buf.split_to(total)));
+            }
+            buf.reserve(total - buf.len());
+        }
+        if stream.read_buf(buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Replace the key in the (single) BackendKeyData message inside `msgs` with ours.
+pub fn rewrite_backend_key(msgs: &mut BytesMut, pid: i32, secret: i32) {
+    let mut at = 0;
+    while at + 5 <= msgs.len() {
+        let len = (&msgs[at + 1..at + 5]).get_i32() as usize;
+        if msgs[at] == b'K' {
+            let mut out = BytesMut::with_capacity(msgs.len());
+            out.extend_from_slice(&msgs[..at]);
+            out.put_u8(b'K');
+            out.put_i32(12);
+            out.put_i32(pid);
+            out.put_i32(secret);
+            out.extend_from_slice(&msgs[at + 1 + len..]);
+            *msgs = out;
+            return;
+        }
+        at += 1 + len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_only_the_key() {
+        let mut m = BytesMut::new();
+        m.put_u8(b'S');
+        m.put_i32(4 + 2);
+        m.put_slice(b"a\0");
+        m.put_u8(b'K');
+        m.put_i32(4 + 4 + 8); // a protocol-3.2 style long key
+        m.put_i32(77);
+        m.put_slice(&[9; 8]);
+        m.put_u8(b'Z');
+        m.put_i32(5);
+        m.put_u8(b'I');
+        rewrite_backend_key(&mut m, 1, 2);
+        let want: &[u8] = &[
+            b'S', 0, 0, 0, 6, b'a', 0, b'K', 0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0, 2, b'Z', 0, 0, 0, 5,
+            b'I',
+        ];
+        assert_eq!(&m[..], want);
+    }
+}

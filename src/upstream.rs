@@ -1,0 +1,66 @@
+//! Dialing the upstream, shared by both engines: fresh DNS per connection (failover moves
+//! the name), a bounded connect, TCP_NODELAY and keepalive, then TLS for the endpoint name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::failure::Failure;
+
+/// Connect to `addr` within `timeout`.
+pub async fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, Failure> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(Failure::Unreachable {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(Failure::Unreachable {
+                addr: addr.to_string(),
+                reason: format!("no answer within {} s (connect_timeout)", timeout.as_secs()),
+            })
+        }
+    };
+    tune(&stream);
+    Ok(stream)
+}
+
+/// TCP_NODELAY (interactive protocol) and keepalive (notice dead peers behind NAT).
+pub fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let ka = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15));
+    let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+}
+
+/// Run the TLS handshake on an established stream, bounded by `timeout`.
+pub async fn tls(
+    stream: TcpStream,
+    config: Arc<rustls::ClientConfig>,
+    name: ServerName<'static>,
+    host: &str,
+    addr: &str,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, Failure> {
+    let connector = TlsConnector::from(config);
+    match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(Failure::Tls {
+            addr: addr.to_string(),
+            reason: crate::tls::describe_error(&e, host),
+        }),
+        Err(_) => Err(Failure::Tls {
+            addr: addr.to_string(),
+            reason: format!("handshake not finished within {} s", timeout.as_secs()),
+        }),
+    }
+}
