@@ -89,11 +89,40 @@ fn main() -> ExitCode {
     })
 }
 
+const SECRET_TRACING_CRATES: &[&str] = &[
+    "aws_sigv4",
+    "aws_config",
+    "aws_sdk_sts",
+    "aws_smithy_runtime",
+    "aws_smithy_runtime_api",
+    "aws_smithy_http",
+    "aws_smithy_http_client",
+    "aws_smithy_types",
+    "aws_credential_types",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "rustls",
+];
+
 fn init_logging(cli: &Cli) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // At trace level the AWS SDK prints canonical requests (with the session token) and
+    // response bodies (with secret keys): never below debug for those crates, whatever the
+    // user asks.
+    let wants_trace = filter
+        .max_level_hint()
+        .is_none_or(|l| l >= tracing_subscriber::filter::LevelFilter::TRACE);
+    if wants_trace {
+        for krate in SECRET_TRACING_CRATES {
+            if let Ok(d) = format!("{krate}=debug").parse() {
+                filter = filter.add_directive(d);
+            }
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install what the lab and the test suite need on Debian/Ubuntu, only if it is missing.
+set -euo pipefail
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+[ -x /usr/bin/python3 ] || need+=(python3)
+have gcc || need+=(gcc)
+have openssl || need+=(openssl)
+have psql || need+=(postgresql-client)
+have runuser || need+=(util-linux)
+[ -f /usr/include/security/pam_modules.h ] || need+=(libpam0g-dev)
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! have cargo; then
+  echo "cargo is missing: install Rust (https://rustup.rs) first" >&2
+  exit 1
+fi

@@ -1,0 +1,283 @@
+//! Test harness: the lab started by tests/run.sh (its lab.json in RDS_IAM_LAB), free ports,
+//! a proxy process per test with its own config, and readers for the lab's own logs
+//! (the STS emulator's and the token verifier's), which are the independent witnesses.
+#![allow(dead_code)]
+
+use std::io::{BufRead, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Lab {
+    pub json: Value,
+}
+
+impl Lab {
+    /// The running lab. tests/run.sh starts it once per run and sets RDS_IAM_LAB.
+    pub fn get() -> Lab {
+        let path = std::env::var("RDS_IAM_LAB").unwrap_or_else(|_| {
+            panic!("RDS_IAM_LAB is not set: run the suite with `bash tests/run.sh`, which starts the local RDS-IAM lab")
+        });
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"));
+        Lab {
+            json: serde_json::from_str(&text).unwrap(),
+        }
+    }
+    pub fn s(&self, pointer: &str) -> String {
+        match self.json.pointer(pointer) {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            other => panic!("lab.json has no {pointer}: {other:?}"),
+        }
+    }
+    pub fn pg_port(&self) -> u16 {
+        self.s("/postgres/port").parse().unwrap()
+    }
+    pub fn sts_endpoint(&self) -> String {
+        self.s("/sts/endpoint")
+    }
+    /// Lines of a JSONL log.
+    fn log(&self, pointer: &str) -> Vec<Value> {
+        let path = self.s(pointer);
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(_) => return Vec::new(),
+        };
+        std::io::BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(&l).unwrap())
+            .collect()
+    }
+    pub fn sts_calls(&self, session_name: &str) -> Vec<Value> {
+        self.log("/sts/log")
+            .into_iter()
+            .filter(|r| r["session_name"] == session_name && r["action"] == "AssumeRole")
+            .collect()
+    }
+    pub fn verifications(&self, session_name: &str) -> Vec<Value> {
+        self.log("/verifier/log")
+            .into_iter()
+            .filter(|r| r["session_name"] == session_name)
+            .collect()
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A unique, valid STS session name for this test (the lab's logs are filtered by it).
+pub fn session(test: &str) -> String {
+    let n: u32 = std::process::id();
+    let mut s = format!("t-{test}-{n}");
+    s.truncate(64);
+    s
+}
+
+/// One `[[target]]` of the reference scenario: static base keys, then the hop role (with
+/// its external id), then the cross-account target role. Keys can be overridden per test.
+pub struct TargetSpec {
+    pub name: String,
+    pub port: u16,
+    pub session: String,
+    keys: Vec<(String, String)>,
+    /// Assume the hop role before `role_arn` (the cross-account chain).
+    pub chain: bool,
+    hop_external_id: String,
+    hop_arn: String,
+}
+
+impl TargetSpec {
+    pub fn new(lab: &Lab, name: &str, session: &str) -> Self {
+        let q = |v: String| format!("\"{v}\"");
+        let port = free_port();
+        let keys = vec![
+            ("name", q(name.into())),
+            ("engine", q("postgres".into())),
+            ("listen", q(format!("127.0.0.1:{port}"))),
+            ("host", q("localhost".into())),
+            ("port", lab.pg_port().to_string()),
+            ("region", q(lab.s("/region"))),
+            ("db_user", q("bytebase".into())),
+            ("ca_file", q(lab.s("/ca_file"))),
+            ("access_key_id", q(lab.s("/base/access_key_id"))),
+            ("secret_access_key", q(lab.s("/base/secret_access_key"))),
+            ("role_arn", q(lab.s("/roles/target/arn"))),
+            ("session_name", q(session.into())),
+        ];
+        TargetSpec {
+            name: name.into(),
+            port,
+            session: session.into(),
+            keys: keys.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            chain: true,
+            hop_external_id: lab.s("/roles/hop/external_id"),
+            hop_arn: lab.s("/roles/hop/arn"),
+        }
+    }
+    /// Set a key to a raw TOML value (`"text"` needs its quotes).
+    pub fn set(mut self, key: &str, raw: &str) -> Self {
+        self.keys.retain(|(k, _)| k != key);
+        self.keys.push((key.into(), raw.into()));
+        self
+    }
+    pub fn unset(mut self, key: &str) -> Self {
+        self.keys.retain(|(k, _)| k != key);
+        self
+    }
+    pub fn hop_external_id(mut self, id: &str) -> Self {
+        self.hop_external_id = id.into();
+        self
+    }
+    pub fn toml(&self) -> String {
+        let mut s = String::from("\n[[target]]\n");
+        for (k, v) in &self.keys {
+            s.push_str(&format!("{k} = {v}\n"));
+        }
+        if self.chain {
+            s.push_str(&format!(
+                "[[target.role_chain]]\nrole_arn = \"{}\"\nexternal_id = \"{}\"\nsession_name = \"{}\"\n",
+                self.hop_arn, self.hop_external_id, self.session
+            ));
+        }
+        s
+    }
+}
+
+pub struct ProxyProcess {
+    child: Child,
+    pub log_path: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl ProxyProcess {
+    /// Start the proxy on `config` and wait until every listed port accepts.
+    pub fn start(lab: &Lab, config: &str, ports: &[u16], extra_args: &[&str]) -> ProxyProcess {
+        let dir =
+            std::env::temp_dir().join(format!("rip-test-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("config.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log_path = dir.join("proxy.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
+        cmd.arg("--config").arg(&cfg).args(extra_args);
+        // A clean AWS environment: only what the lab provides.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") || k == "RUST_LOG" {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.env("AWS_ENDPOINT_URL_STS", lab.sts_endpoint())
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", dir.join("no-aws-config"))
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                dir.join("no-aws-credentials"),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = cmd.spawn().expect("start rds-iam-proxy");
+        let mut p = ProxyProcess {
+            child,
+            log_path,
+            dir,
+        };
+        for port in ports {
+            p.wait_port(*port);
+        }
+        p
+    }
+
+    fn wait_port(&mut self, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "rds-iam-proxy exited ({status}) before listening:\n{}",
+                    self.output()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rds-iam-proxy did not listen on {port}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn output(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn stop(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.output()
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn conn_str(port: u16, user: &str, db: &str) -> String {
+    format!("host=127.0.0.1 port={port} user={user} dbname={db} sslmode=disable connect_timeout=20")
+}
+
+/// Run psql against the proxy; returns (success, stdout, stderr).
+pub fn psql(port: u16, user: &str, db: &str, sql: &str) -> (bool, String, String) {
+    let out = Command::new("psql")
+        .arg(conn_str(port, user, db))
+        .args(["-X", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env_remove("PGPASSWORD")
+        .env("PGAPPNAME", "psql-through-proxy")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run psql");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
+pub async fn pg(
+    port: u16,
+    user: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) =
+        tokio_postgres::connect(&conn_str(port, user, db), tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub fn path_exists(p: &str) -> bool {
+    Path::new(p).exists()
+}
