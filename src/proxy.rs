@@ -49,7 +49,7 @@ impl Proxy {
                 port: t.port,
                 user: t.db_user.clone(),
             };
-            let tokens = cache.entry(key, chain);
+            let tokens = cache.entry(key, Arc::new(chain));
             targets.push(Arc::new(TargetRuntime {
                 cfg: t.clone(),
                 tls,

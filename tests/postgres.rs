@@ -72,7 +72,8 @@ async fn startup_parameters_and_database_pass_through() {
         .query_one("select current_database()::text, current_setting('application_name'), current_setting('statement_timeout')", &[])
         .await
         .unwrap();
-    // tokio-postgres sends database = user when none is named; the server then sees "bytebase".
+    // tokio-postgres names no database here, so the target's default applies.
+    assert_eq!(row.get::<_, String>(0), "appdb");
     assert_eq!(row.get::<_, String>(1), "bytebase-app");
     assert_eq!(row.get::<_, String>(2), "4321ms");
 

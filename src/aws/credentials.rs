@@ -20,7 +20,7 @@ use aws_types::region::Region;
 
 use crate::config::{BaseCredentials, CredentialSpec};
 
-/// Refresh credentials this long before they expire.
+/// Refresh credentials this long before they expire (see `refresh_at`).
 const REFRESH_AHEAD: Duration = Duration::from_secs(10 * 60);
 
 /// Why credentials could not be had, worded for the user (it quotes STS when STS refused).
@@ -138,7 +138,8 @@ impl ProvideCredentials for NoCredentials {
 struct CachedCredentials {
     name: String,
     inner: SharedCredentialsProvider,
-    current: RwLock<Option<Credentials>>,
+    /// The credentials and when they were fetched.
+    current: RwLock<Option<(Credentials, SystemTime)>>,
     /// Held while fetching, so concurrent callers share one fetch.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -156,8 +157,8 @@ impl CachedCredentials {
     fn fresh(&self, now: SystemTime) -> Option<Credentials> {
         let cur = self.current.read().unwrap();
         cur.as_ref()
-            .filter(|c| c.expiry().is_none_or(|e| now + REFRESH_AHEAD < e))
-            .cloned()
+            .filter(|(c, fetched)| c.expiry().is_none_or(|e| now < refresh_at(*fetched, e)))
+            .map(|(c, _)| c.clone())
     }
 
     async fn get(&self) -> Result<Credentials, CredentialsFailure> {
@@ -178,7 +179,7 @@ impl CachedCredentials {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "credentials refreshed"
                 );
-                *self.current.write().unwrap() = Some(c.clone());
+                *self.current.write().unwrap() = Some((c.clone(), SystemTime::now()));
                 Ok(c)
             }
             Err(e) => {
@@ -190,13 +191,23 @@ impl CachedCredentials {
                     .read()
                     .unwrap()
                     .as_ref()
-                    .filter(|c| c.expiry().is_none_or(|e| now < e))
-                    .cloned();
+                    .filter(|(c, _)| c.expiry().is_none_or(|e| now < e))
+                    .map(|(c, _)| c.clone());
                 tracing::warn!(source = %self.name, error = %reason, kept_previous = still_valid.is_some(), "credential refresh failed");
                 still_valid.ok_or_else(|| CredentialsFailure(format!("{}: {reason}", self.name)))
             }
         }
     }
+}
+
+/// Refresh `REFRESH_AHEAD` before expiry, but not before half the lifetime has passed, so
+/// short-lived credentials are not fetched again on every use.
+fn refresh_at(fetched: SystemTime, expiry: SystemTime) -> SystemTime {
+    let life = expiry.duration_since(fetched).unwrap_or_default();
+    expiry
+        .checked_sub(REFRESH_AHEAD)
+        .unwrap_or(fetched)
+        .max(fetched + life / 2)
 }
 
 /// Adapter so the next hop's STS client signs with this hop's cached credentials.
@@ -242,4 +253,18 @@ fn describe_error(e: &CredentialsError) -> String {
         source = err.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_point_is_ahead_of_expiry_but_not_too_early() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let min = Duration::from_secs(60);
+        assert_eq!(refresh_at(t0, t0 + 60 * min), t0 + 50 * min);
+        assert_eq!(refresh_at(t0, t0 + 15 * min), t0 + min * 15 / 2);
+        assert_eq!(refresh_at(t0, t0 + 2 * min), t0 + min);
+    }
 }
