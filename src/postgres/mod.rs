@@ -71,7 +71,7 @@ pub async fn serve(
             target = %target.cfg.name, client = %peer, user = %user, database = %database,
             duration_ms = elapsed_ms, bytes_from_client = relayed.client_to_server,
             bytes_to_client = relayed.server_to_client, result = "ok",
-            error = io_error.map(|e| e.to_string()).unwrap_or_default(),
+            error = io_error.map(|e| e.to_string()),
             "connection closed"
         ),
         Err(f) => {

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Demo of the main job on one machine: start the local RDS-IAM lab (PostgreSQL that verifies
+# IAM tokens through PAM, an STS emulator), run rds-iam-proxy in front of it with the
+# cross-account role chain, and print the psql line to try. Ctrl-C stops everything.
+#   DEMO_ONESHOT=1 bash deploy/lab/demo.sh   # run one query through the proxy and exit
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+bash deploy/lab/install-deps.sh
+cargo build --quiet --bin rds-iam-proxy
+dir=/tmp/rds-iam-lab-demo
+/usr/bin/python3 deploy/lab/lab.py stop --dir "$dir" --purge >/dev/null 2>&1 || true
+proxy_pid=""
+cleanup() {
+  [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null && wait "$proxy_pid" 2>/dev/null
+  /usr/bin/python3 deploy/lab/lab.py stop --dir "$dir" --purge >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+/usr/bin/python3 deploy/lab/lab.py start --dir "$dir" >/dev/null
+lab() { /usr/bin/python3 -c "import json,sys; d=json.load(open('$dir/lab.json')); print(eval('d'+sys.argv[1]))" "$1"; }
+port=6432
+if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+  port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+fi
+cat > "$dir/proxy.toml" <<TOML
+# The reference scenario: base credentials in account A, then role A (with external id),
+# then bytebase-target-db-role in account B, which may rds-db:connect as "bytebase".
+[[target]]
+name = "orders"
+engine = "postgres"
+listen = "127.0.0.1:$port"
+host = "$(lab "['postgres']['endpoint_name']")"
+port = 5432
+connect_to = "127.0.0.1:$(lab "['postgres']['port']")"
+db_user = "bytebase"
+database = "postgres"
+ca_file = "$(lab "['ca_file']")"
+access_key_id = "$(lab "['base']['access_key_id']")"
+secret_access_key = "$(lab "['base']['secret_access_key']")"
+role_arn = "$(lab "['roles']['target']['arn']")"
+session_name = "rds-iam-proxy-demo"
+
+[[target.role_chain]]
+role_arn = "$(lab "['roles']['hop']['arn']")"
+external_id = "$(lab "['roles']['hop']['external_id']")"
+TOML
+chmod 600 "$dir/proxy.toml"
+export AWS_ENDPOINT_URL_STS="$(lab "['sts']['endpoint']")" AWS_EC2_METADATA_DISABLED=true
+./target/debug/rds-iam-proxy --config "$dir/proxy.toml" &
+proxy_pid=$!
+for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+line="psql \"host=127.0.0.1 port=$port user=bytebase dbname=postgres sslmode=disable\" -c 'select current_user, inet_server_port()'"
+echo
+echo "rds-iam-proxy is serving the lab's IAM-only PostgreSQL on 127.0.0.1:$port. Try:"
+echo "  $line"
+echo
+eval "$line"
+if [ "${DEMO_ONESHOT:-}" = 1 ]; then exit 0; fi
+echo "Ctrl-C stops the proxy and the lab."
+wait "$proxy_pid"

@@ -1,0 +1,627 @@
+#!/usr/bin/python3
+"""Local RDS IAM lab: a strict stand-in for RDS IAM auth and STS on loopback.
+
+  python3 deploy/lab/lab.py start  --dir /tmp/rdsiam-lab [--region us-east-1] [--pg-port N]
+                                   [--sts-min-duration 900] [--no-smoke]
+  python3 deploy/lab/lab.py status --dir /tmp/rdsiam-lab
+  python3 deploy/lab/lab.py stop   --dir /tmp/rdsiam-lab [--purge]
+  python3 deploy/lab/lab.py token  --dir /tmp/rdsiam-lab [--user bytebase] [--endpoint HOST:PORT] [--region R]
+
+start builds everything in DIR (certificates, PAM module, STS emulator, a
+PostgreSQL 15 whose IAM user authenticates through PAM -> verifier.py), waits
+until it all answers, writes DIR/lab.json and prints it.  stop ends every
+process start made and removes the lab's /etc/pam.d file; it is idempotent and
+safe after a half-failed start.  token prints an IAM token signed with the lab's
+static base key (a lab-side helper for smoke tests; it is NOT the reference
+signer, botocore is).  Run as root; standard library only.
+"""
+import argparse
+import base64
+import datetime as dt
+import glob
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import pwd
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PGBIN = "/usr/lib/postgresql/15/bin"
+PY = "/usr/bin/python3"
+PAM_DIR = "/etc/pam.d"
+PAM_PREFIX = "rdsiamlab-"
+BASE_ARN = "arn:aws:iam::111111111111:user/lab-admin"
+HOP_ARN = "arn:aws:iam::111111111111:role/lab-hop-role"
+TARGET_ARN = "arn:aws:iam::222222222222:role/bytebase-target-db-role"
+DIRECT_ARN = "arn:aws:iam::222222222222:role/lab-direct-role"
+IAM_USER = "bytebase"
+T0 = time.monotonic()
+
+
+class LabError(Exception):
+    pass
+
+
+def say(msg):
+    sys.stderr.write("[lab %5.2fs] %s\n" % (time.monotonic() - T0, msg))
+    sys.stderr.flush()
+
+
+def run(cmd, timeout=60, check=True, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.STDOUT)
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    p = subprocess.run(cmd, timeout=timeout, text=True, **kw)
+    if check and p.returncode != 0:
+        raise LabError("command failed (%d): %s\n%s" % (p.returncode, " ".join(cmd), (p.stdout or "")[-3000:]))
+    return p
+
+
+def as_pg(cmd):
+    return ["runuser", "-u", "postgres", "--"] + cmd
+
+
+def write(path, text, mode=0o644, owner=None):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    if owner:
+        pw = pwd.getpwnam(owner)
+        os.chown(tmp, pw.pw_uid, pw.pw_gid)
+    os.replace(tmp, path)
+
+
+def touch_shared(path):
+    """Log files written by root (STS, MariaDB's PAM) and by postgres (verifier)."""
+    with open(path, "a"):
+        pass
+    os.chmod(path, 0o666)
+
+
+def derive_secret(master, akid):
+    mac = hmac.new(master, b"secret:" + akid.encode("ascii"), hashlib.sha256).digest()
+    return base64.b64encode(mac).decode("ascii")[:40]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid):
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class State:
+    """DIR/state.json: what start created, written as it goes, so stop can undo a half start."""
+
+    def __init__(self, d):
+        self.path = os.path.join(d, "state.json")
+        self.data = load_json(self.path) or {"dir": d, "pam_files": [], "sts_pid": None,
+                                              "pg_data": None, "status": "new"}
+
+    def save(self, **kw):
+        self.data.update(kw)
+        write(self.path, json.dumps(self.data, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- start
+def make_certs(d, names):
+    cnf = os.path.join(d, "certs", "openssl.cnf")
+    os.makedirs(os.path.dirname(cnf), mode=0o755)
+    san = ",".join(["DNS:localhost", "IP:127.0.0.1"] + ["DNS:" + n for n in names])
+    write(cnf, """[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = unused
+[v3_ca]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,keyCertSign,cRLSign
+subjectKeyIdentifier = hash
+[v3_srv]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = serverAuth
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+subjectAltName = %s
+""" % san)
+    c = lambda n: os.path.join(d, n)  # noqa: E731
+    osl = ["openssl"]
+    for key in ("certs/ca.key", "certs/other-ca.key", "server.key"):
+        run(osl + ["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", c(key)])
+        os.chmod(c(key), 0o600)
+    for key, out, cn in (("certs/ca.key", "ca.pem", "rds-iam-proxy lab CA"),
+                         ("certs/other-ca.key", "other-ca.pem", "rds-iam-proxy lab OTHER CA (signs nothing)")):
+        run(osl + ["req", "-x509", "-new", "-config", cnf, "-extensions", "v3_ca", "-key", c(key), "-sha256",
+                   "-days", "30", "-subj", "/O=rds-iam-proxy lab/CN=" + cn, "-out", c(out)])
+    run(osl + ["req", "-new", "-config", cnf, "-key", c("server.key"), "-subj",
+               "/O=rds-iam-proxy lab/CN=localhost", "-out", c("certs/server.csr")])
+    run(osl + ["x509", "-req", "-in", c("certs/server.csr"), "-CA", c("ca.pem"), "-CAkey", c("certs/ca.key"),
+               "-set_serial", "0x" + secrets.token_hex(16), "-days", "30", "-sha256", "-extfile", cnf,
+               "-extensions", "v3_srv", "-out", c("server.crt")])
+    for f in ("ca.pem", "other-ca.pem", "server.crt"):
+        os.chmod(c(f), 0o644)
+
+
+def pg_conf(port, sock, d):
+    return """
+# ---- rds-iam-proxy lab ----
+listen_addresses = '127.0.0.1'
+port = %d
+unix_socket_directories = '%s'
+max_connections = 300
+shared_buffers = 32MB
+ssl = on
+ssl_cert_file = '%s/server.crt'
+ssl_key_file = '%s/pg/server.key'
+ssl_min_protocol_version = 'TLSv1.2'
+password_encryption = 'scram-sha-256'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+log_connections = on
+log_line_prefix = '%%m [%%p] %%u@%%d '
+""" % (port, sock, d, d)
+
+
+def pg_hba(service):
+    return """# rds-iam-proxy lab: only TLS over TCP; the IAM user goes through PAM (-> verifier.py)
+# TYPE  DATABASE USER       ADDRESS        METHOD
+local   all      all                       trust
+hostssl all      %s   127.0.0.1/32   pam pamservice=%s
+hostssl all      lab_md5    127.0.0.1/32   md5
+hostssl all      lab_scram  127.0.0.1/32   scram-sha-256
+hostssl all      lab_trust  127.0.0.1/32   trust
+hostssl all      lab_pass   127.0.0.1/32   scram-sha-256
+""" % (IAM_USER, service)
+
+
+def setup_sql(users):
+    q = lambda s: "'" + s.replace("'", "''") + "'"  # noqa: E731
+    names = ", ".join([IAM_USER] + list(users))
+    return """
+CREATE ROLE rds_iam;
+CREATE ROLE %(iam)s LOGIN;
+GRANT rds_iam TO %(iam)s;
+SET password_encryption = 'md5';
+CREATE ROLE lab_md5 LOGIN PASSWORD %(md5)s;
+SET password_encryption = 'scram-sha-256';
+CREATE ROLE lab_scram LOGIN PASSWORD %(scram)s;
+CREATE ROLE lab_trust LOGIN;
+CREATE ROLE lab_pass LOGIN PASSWORD %(pass)s;
+GRANT CONNECT, CREATE, TEMPORARY ON DATABASE postgres TO %(names)s;
+GRANT USAGE, CREATE ON SCHEMA public TO %(names)s;
+CREATE DATABASE appdb OWNER %(iam)s;
+""" % {"iam": IAM_USER, "md5": q(users["lab_md5"]), "scram": q(users["lab_scram"]),
+       "pass": q(users["lab_pass"]), "names": names}
+
+
+def sign_token(akid, secret, hostport, user, region, session_token=None, now=None):
+    """Minimal stdlib RDS token signer for `lab.py token` and the start smoke test."""
+    enc = lambda s: "".join(c if c.isascii() and (c.isalnum() or c in "-_.~") else  # noqa: E731
+                            "".join("%%%02X" % b for b in c.encode()) for c in s)
+    t = dt.datetime.fromtimestamp(now or time.time(), dt.timezone.utc)
+    amz_date, day = t.strftime("%Y%m%dT%H%M%SZ"), t.strftime("%Y%m%d")
+    scope = "%s/%s/rds-db/aws4_request" % (day, region)
+    q = {"Action": "connect", "DBUser": user, "X-Amz-Algorithm": "AWS4-HMAC-SHA256",
+         "X-Amz-Credential": akid + "/" + scope, "X-Amz-Date": amz_date, "X-Amz-Expires": "900",
+         "X-Amz-SignedHeaders": "host"}
+    if session_token:
+        q["X-Amz-Security-Token"] = session_token
+    query = "&".join("%s=%s" % (enc(k), enc(v)) for k, v in sorted(q.items()))
+    creq = "GET\n/\n%s\nhost:%s\n\nhost\n%s" % (query, hostport.lower(), hashlib.sha256(b"").hexdigest())
+    sts = "AWS4-HMAC-SHA256\n%s\n%s\n%s" % (amz_date, scope, hashlib.sha256(creq.encode()).hexdigest())
+    k = ("AWS4" + secret).encode()
+    for part in (day, region, "rds-db", "aws4_request"):
+        k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+    sig = hmac.new(k, sts.encode(), hashlib.sha256).hexdigest()
+    return "%s/?%s&X-Amz-Signature=%s" % (hostport, query, sig)
+
+
+def wait_for(what, fn, timeout, proc=None):
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        try:
+            r = fn()
+            if r:
+                return r
+        except Exception:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise LabError("%s: process exited with %s" % (what, proc.returncode))
+        if time.monotonic() > deadline:
+            raise LabError("timed out waiting for %s" % what)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.1)
+
+
+def http_ok(port):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+    try:
+        c.request("GET", "/lab/health")
+        return c.getresponse().status == 200
+    finally:
+        c.close()
+
+
+def prepare_dir(d):
+    if os.path.isdir(d):
+        st = load_json(os.path.join(d, "state.json"))
+        if st is None:
+            if os.listdir(d):
+                raise LabError("%s exists, is not empty and is not a lab dir; refusing to touch it" % d)
+        else:
+            if st.get("status") not in ("stopped", None) or any_alive(d, st):
+                say("leftovers of a previous lab in %s: stopping them first" % d)
+                stop_lab(d, quiet=True)
+            for name in os.listdir(d):
+                p = os.path.join(d, name)
+                shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.unlink(p)
+    else:
+        os.makedirs(d)
+    os.chmod(d, 0o755)
+
+
+def start(a):
+    d = os.path.abspath(a.dir)
+    if re.search(r"\s", d) or not d.startswith("/"):
+        raise LabError("--dir must be an absolute path without whitespace")
+    if os.geteuid() != 0:
+        raise LabError("run as root (needs runuser and /etc/pam.d)")
+    prepare_dir(d)
+    state = State(d)
+    state.save(status="starting", started=time.time())
+    p = lambda *n: os.path.join(d, *n)  # noqa: E731
+    try:
+        return _start(a, d, p, state)
+    except BaseException:
+        say("start failed: cleaning up")
+        stop_lab(d, quiet=True)
+        raise
+
+
+def _start(a, d, p, state):
+    region = a.region
+    uniq = secrets.token_hex(4)
+    pg_name = "pg-lab.c9lab0example.%s.rds.amazonaws.com" % region
+    my_name = "mysql-lab.c9lab0example.%s.rds.amazonaws.com" % region
+    pw = pwd.getpwnam("postgres")
+
+    # 1. PostgreSQL initdb is the slow part: run it while the rest is built
+    os.makedirs(p("pg", "sock"))
+    for x in (p("pg"), p("pg", "sock")):
+        os.chown(x, pw.pw_uid, pw.pw_gid)
+        os.chmod(x, 0o755)
+    state.save(pg_data=p("pg", "data"))
+    initdb = subprocess.Popen(as_pg([PGBIN + "/initdb", "-D", p("pg", "data"), "-U", "postgres", "-A", "trust",
+                                     "-E", "UTF8", "--locale=C", "-N", "--no-instructions"]),
+                              cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+
+    # 2. secrets, base key, copies of the lab programs (readable by postgres wherever the repo lives)
+    master_hex = secrets.token_hex(32)
+    write(p("master.secret"), master_hex + "\n", 0o644)
+    master = master_hex.encode()
+    base_akid = "AKIA" + "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16))
+    for f in ("verifier.py", "sts.py"):
+        shutil.copyfile(os.path.join(HERE, f), p(f))
+        os.chmod(p(f), 0o755)
+    for f in ("verifier.jsonl", "sts.jsonl", "pam.log"):
+        touch_shared(p(f))
+
+    # 3. PAM module
+    run(["gcc", "-O2", "-Wall", "-fPIC", "-shared", "-o", p("pam_rdsiam.so"),
+         os.path.join(HERE, "pam_rdsiam.c"), "-lpam"])
+    os.chmod(p("pam_rdsiam.so"), 0o755)
+    say("PAM module built")
+
+    # 4. certificates
+    make_certs(d, [pg_name, my_name])
+    shutil.copyfile(p("server.key"), p("pg", "server.key"))
+    os.chown(p("pg", "server.key"), pw.pw_uid, pw.pw_gid)
+    os.chmod(p("pg", "server.key"), 0o600)
+    say("certificates made")
+
+    # 5. lab.json (the STS port and the PG port are filled in below)
+    users = {"lab_md5": "md5-" + secrets.token_hex(6), "lab_scram": "scram-" + secrets.token_hex(6),
+             "lab_trust": "", "lab_pass": "pass-" + secrets.token_hex(6)}
+    pg_port = a.pg_port or free_port()
+    pam_service = PAM_PREFIX + uniq + "-pg"
+    conf = {
+        "dir": d, "region": region,
+        "ca_file": p("ca.pem"), "other_ca_file": p("other-ca.pem"),
+        "server_cert_file": p("server.crt"), "server_key_file": p("server.key"),
+        "master_secret_file": p("master.secret"),
+        "sts": {"endpoint": None, "port": None, "log": p("sts.jsonl"), "pid": None,
+                "min_duration_seconds": a.sts_min_duration},
+        "base": {"access_key_id": base_akid, "secret_access_key": derive_secret(master, base_akid),
+                 "arn": BASE_ARN},
+        "roles": {
+            "hop": {"arn": HOP_ARN, "external_id": "lab-ext-id-123", "trusts": [BASE_ARN],
+                    "max_session_duration": 43200},
+            "target": {"arn": TARGET_ARN, "trusts": [HOP_ARN], "max_session_duration": 3600},
+            "direct": {"arn": DIRECT_ARN, "external_id": "lab-direct-ext", "trusts": [BASE_ARN],
+                       "max_session_duration": 43200},
+        },
+        "verifier": {"log": p("verifier.jsonl"), "pam_log": p("pam.log")},
+        "postgres": {"port": pg_port, "host": "127.0.0.1", "socket_dir": p("pg", "sock"),
+                     "data_dir": p("pg", "data"), "log": p("pg", "postgres.log"),
+                     "endpoint_name": pg_name,
+                     "endpoints": ["localhost:%d" % pg_port, "127.0.0.1:%d" % pg_port, pg_name + ":5432"],
+                     "iam_user": IAM_USER, "pam_service": pam_service, "database": "postgres",
+                     "iam_database": "appdb", "users": users},
+    }
+    write(p("lab.json"), json.dumps(conf, indent=1) + "\n")
+
+    # 6. STS emulator (own session / process group; stdout+stderr to DIR/sts.out)
+    with open(p("sts.out"), "ab") as out:
+        sts = subprocess.Popen([PY, "-I", p("sts.py"), "--conf", p("lab.json"), "--port", "0",
+                                "--port-file", p("sts.port")], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=out, start_new_session=True)
+    state.save(sts_pid=sts.pid)
+
+    # 7. PAM service file (the only thing written outside DIR)
+    pam_file = os.path.join(PAM_DIR, pam_service)
+    state.save(pam_files=state.data["pam_files"] + [pam_file])
+    write(pam_file, "# rds-iam-proxy lab in %s: written by lab.py start, removed by lab.py stop\n"
+          "auth    required %s timeout=10 log=%s %s -I -S %s --conf %s --engine postgres\n"
+          "account required %s\n" % (d, p("pam_rdsiam.so"), p("pam.log"), PY, p("verifier.py"), p("lab.json"),
+                                     p("pam_rdsiam.so")))
+
+    # 8. wait for initdb, configure and start PostgreSQL (retry on a port race)
+    out, _ = initdb.communicate(timeout=120)
+    if initdb.returncode != 0:
+        raise LabError("initdb failed:\n" + out[-3000:])
+    say("initdb done")
+    write(p("pg", "data", "pg_hba.conf"), pg_hba(pam_service), 0o600, "postgres")
+    with open(p("pg", "data", "postgresql.conf")) as f:
+        base_conf = f.read()
+    for attempt in range(3):
+        write(p("pg", "data", "postgresql.conf"), base_conf + pg_conf(pg_port, p("pg", "sock"), d), 0o600,
+              "postgres")
+        r = run(as_pg([PGBIN + "/pg_ctl", "-D", p("pg", "data"), "-l", p("pg", "postgres.log"), "-w", "-t", "30",
+                       "start"]), cwd=d, check=False)
+        if r.returncode == 0:
+            break
+        log = open(p("pg", "postgres.log")).read()[-2000:]
+        if "could not bind" in log and not a.pg_port and attempt < 2:
+            pg_port = free_port()
+            say("port race, retrying PostgreSQL on %d" % pg_port)
+            continue
+        raise LabError("pg_ctl start failed:\n%s\n%s" % (r.stdout, log))
+    conf["postgres"]["port"] = pg_port
+    conf["postgres"]["endpoints"] = ["localhost:%d" % pg_port, "127.0.0.1:%d" % pg_port, pg_name + ":5432"]
+    run([PGBIN + "/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(pg_port), "-t", "10"])
+    say("PostgreSQL up on 127.0.0.1:%d" % pg_port)
+    run([PGBIN + "/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", p("pg", "sock"), "-p", str(pg_port),
+         "-U", "postgres", "-d", "postgres", "-f", "-"], input=setup_sql(users), stdin=None)
+
+    # 9. STS answering?
+    wait_for("STS port file", lambda: os.path.exists(p("sts.port")), 10, sts)
+    sts_port = int(open(p("sts.port")).read())
+    wait_for("STS health", lambda: http_ok(sts_port), 10, sts)
+    conf["sts"].update(endpoint="http://127.0.0.1:%d" % sts_port, port=sts_port, pid=sts.pid)
+    conf["postgres"]["pid"] = int(open(p("pg", "data", "postmaster.pid")).readline())
+    write(p("lab.json"), json.dumps(conf, indent=1) + "\n")
+    say("STS up on 127.0.0.1:%d" % sts_port)
+
+    # 10. smoke: the verifier runs as postgres, and one IAM login passes through PAM
+    run(as_pg([PY, "-I", "-S", p("verifier.py"), "--selftest"]), cwd=d)
+    if not a.no_smoke:
+        tok = sign_token(base_akid, derive_secret(master, base_akid), "localhost:%d" % pg_port, IAM_USER, region)
+        env = dict(os.environ, PGPASSWORD=tok, PGCONNECT_TIMEOUT="10")
+        r = run([PGBIN + "/psql", "-X", "-At", "-c", "select current_user",
+                 "host=localhost port=%d user=%s dbname=postgres sslmode=verify-full sslrootcert=%s"
+                 % (pg_port, IAM_USER, p("ca.pem"))], env=env, check=False)
+        if r.returncode != 0 or r.stdout.strip() != IAM_USER:
+            raise LabError("smoke IAM login failed: %s (see %s, %s)" % (r.stdout.strip(), p("verifier.jsonl"),
+                                                                       p("pam.log")))
+        say("smoke IAM login ok")
+    state.save(status="running")
+    print(json.dumps(conf, indent=1))
+    say("lab ready in %s" % d)
+    return 0
+
+
+# --------------------------------------------------------------------------- stop / status
+def lab_pids(d, st):
+    """(sts_pid, postmaster_pid), each only if it is alive and really ours."""
+    sts = st.get("sts_pid")
+    if not (pid_alive(sts) and os.path.join(d, "sts.py") in cmdline(sts)):
+        sts = None
+    pm = None
+    data = st.get("pg_data") or os.path.join(d, "pg", "data")
+    try:
+        with open(os.path.join(data, "postmaster.pid")) as f:
+            pm = int(f.readline())
+    except (OSError, ValueError):
+        pass
+    if not (pid_alive(pm) and data in cmdline(pm)):
+        pm = None
+    return sts, pm
+
+
+def stray_verifiers(d):
+    me = os.path.join(d, "verifier.py")
+    return [int(x) for x in os.listdir("/proc") if x.isdigit() and me in cmdline(int(x))]
+
+
+def any_alive(d, st):
+    sts, pm = lab_pids(d, st)
+    return bool(sts or pm)
+
+
+def stop_lab(d, quiet=False):
+    st = load_json(os.path.join(d, "state.json"))
+    if st is None:
+        if not quiet:
+            say("no lab in %s (nothing to stop)" % d)
+        return 0
+    sts, pm = lab_pids(d, st)
+    data = st.get("pg_data") or os.path.join(d, "pg", "data")
+    if pm:
+        r = run(as_pg([PGBIN + "/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "20", "stop"]), cwd="/",
+                check=False, timeout=40)
+        if pid_alive(pm):
+            say("pg_ctl stop did not stop %d (%s): SIGKILL" % (pm, r.stdout.strip()))
+            try:
+                os.killpg(pm, signal.SIGKILL)  # pg_ctl made the postmaster a session leader
+            except OSError:
+                os.kill(pm, signal.SIGKILL)
+        say("PostgreSQL stopped")
+    if sts:
+        try:
+            os.killpg(sts, signal.SIGTERM)
+        except OSError:
+            pass
+        deadline = time.monotonic() + 3
+        while pid_alive(sts) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if pid_alive(sts):
+            os.killpg(sts, signal.SIGKILL)
+        say("STS stopped")
+    for pid in stray_verifiers(d):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    # the lab's PAM files: those recorded, plus any rdsiamlab-* that points into this DIR
+    files = set(st.get("pam_files", []))
+    for f in glob.glob(os.path.join(PAM_DIR, PAM_PREFIX + "*")):
+        try:
+            if (d + "/") in open(f).read():
+                files.add(f)
+        except OSError:
+            pass
+    for f in sorted(files):
+        if os.path.basename(f).startswith(PAM_PREFIX) and os.path.dirname(f) == PAM_DIR and os.path.exists(f):
+            os.unlink(f)
+            say("removed %s" % f)
+    State(d).save(status="stopped", stopped=time.time())
+    return 0
+
+
+def stop(a):
+    d = os.path.abspath(a.dir)
+    rc = stop_lab(d)
+    if a.purge and os.path.exists(os.path.join(d, "state.json")):
+        shutil.rmtree(d)
+        say("removed %s" % d)
+    return rc
+
+
+def status(a):
+    d = os.path.abspath(a.dir)
+    st = load_json(os.path.join(d, "state.json"))
+    conf = load_json(os.path.join(d, "lab.json")) or {}
+    if st is None:
+        print(json.dumps({"dir": d, "state": "absent"}))
+        return 3
+    sts, pm = lab_pids(d, st)
+    sts_port = (conf.get("sts") or {}).get("port")
+    pg_port = (conf.get("postgres") or {}).get("port")
+    healthy = False
+    if sts and sts_port:
+        try:
+            healthy = http_ok(sts_port)
+        except OSError:
+            pass
+    ready = bool(pm and pg_port and run([PGBIN + "/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(pg_port),
+                                         "-t", "2"], check=False).returncode == 0)
+    pam = [f for f in st.get("pam_files", []) if os.path.exists(f)]
+    up = healthy and ready and bool(pam)
+    out = {"dir": d, "state": st.get("status"), "up": up,
+           "sts": {"pid": sts, "port": sts_port, "healthy": healthy},
+           "postgres": {"pid": pm, "port": pg_port, "ready": ready},
+           "pam_files": pam}
+    print(json.dumps(out, indent=1))
+    if up:
+        return 0
+    return 3 if not (sts or pm or pam) else 1
+
+
+def token(a):
+    conf = load_json(os.path.join(os.path.abspath(a.dir), "lab.json"))
+    if not conf:
+        raise LabError("no lab.json in %s" % a.dir)
+    master = open(conf["master_secret_file"], "rb").read().strip()
+    akid = conf["base"]["access_key_id"]
+    endpoint = a.endpoint or "localhost:%d" % conf["postgres"]["port"]
+    print(sign_token(akid, derive_secret(master, akid), endpoint, a.user, a.region or conf["region"]))
+    return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("start")
+    s.add_argument("--dir", required=True)
+    s.add_argument("--region", default="us-east-1")
+    s.add_argument("--pg-port", type=int, default=0, help="default: a free port")
+    s.add_argument("--sts-min-duration", type=int, default=900,
+                   help="lowest DurationSeconds STS accepts (AWS: 900; the lab allows down to 60)")
+    s.add_argument("--no-smoke", action="store_true", help="skip the IAM login smoke test")
+    for name in ("stop", "status"):
+        x = sub.add_parser(name)
+        x.add_argument("--dir", required=True)
+        if name == "stop":
+            x.add_argument("--purge", action="store_true", help="also delete DIR")
+    t = sub.add_parser("token")
+    t.add_argument("--dir", required=True)
+    t.add_argument("--user", default=IAM_USER)
+    t.add_argument("--endpoint")
+    t.add_argument("--region")
+    a = ap.parse_args()
+    if a.cmd == "start" and not 60 <= a.sts_min_duration <= 900:
+        ap.error("--sts-min-duration must be within 60..900")
+    try:
+        return {"start": start, "stop": stop, "status": status, "token": token}[a.cmd](a)
+    except LabError as e:
+        say("ERROR: %s" % e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
