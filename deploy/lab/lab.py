@@ -6,6 +6,7 @@
   python3 deploy/lab/lab.py status --dir /tmp/rdsiam-lab
   python3 deploy/lab/lab.py stop   --dir /tmp/rdsiam-lab [--purge]
   python3 deploy/lab/lab.py token  --dir /tmp/rdsiam-lab [--user bytebase] [--endpoint HOST:PORT] [--region R]
+  python3 deploy/lab/lab.py web-token --dir /tmp/rdsiam-lab [--expires-in S] [--aud A] [--sub S] [--iss I]
 
 start builds everything in DIR (certificates, PAM module, STS emulator, a
 PostgreSQL 15 whose IAM user authenticates through PAM -> verifier.py), waits
@@ -43,6 +44,17 @@ BASE_ARN = "arn:aws:iam::111111111111:user/lab-admin"
 HOP_ARN = "arn:aws:iam::111111111111:role/lab-hop-role"
 TARGET_ARN = "arn:aws:iam::222222222222:role/bytebase-target-db-role"
 DIRECT_ARN = "arn:aws:iam::222222222222:role/lab-direct-role"
+# the other sources of the default credential chain (all in account A)
+INSTANCE_ROLE = "lab-instance-role"
+INSTANCE_ARN = "arn:aws:iam::111111111111:role/" + INSTANCE_ROLE
+INSTANCE_ID = "i-0lab0000000000001"
+TASK_ARN = "arn:aws:iam::111111111111:role/lab-task-role"
+TASK_ID = "1ab0000000000000000000000000000a"
+WEB_ARN = "arn:aws:iam::111111111111:role/lab-web-role"
+OIDC_HOST = "oidc.eks.%s.amazonaws.com/id/1AB0000000000000000000000000000A"  # % region
+OIDC_AUD = "sts.amazonaws.com"
+OIDC_SUB = "system:serviceaccount:bytebase:rds-iam-proxy"
+WEB_TOKEN_SECONDS = 86400
 IAM_USER = "bytebase"
 T0 = time.monotonic()
 
@@ -91,6 +103,20 @@ def touch_shared(path):
 def derive_secret(master, akid):
     mac = hmac.new(master, b"secret:" + akid.encode("ascii"), hashlib.sha256).digest()
     return base64.b64encode(mac).decode("ascii")[:40]
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def mint_web_token(master, iss, sub=OIDC_SUB, aud=OIDC_AUD, expires_in=WEB_TOKEN_SECONDS, now=None):
+    """An OIDC-style JWT (HS256, key HMAC-SHA256(master, "lab-oidc-hs256-key")) that sts.py accepts."""
+    now = int(now or time.time())
+    head = b64url(json.dumps({"alg": "HS256", "kid": "lab", "typ": "JWT"}, separators=(",", ":")).encode())
+    body = b64url(json.dumps({"aud": [aud], "exp": now + expires_in, "iat": now, "nbf": now, "iss": iss, "sub": sub},
+                             separators=(",", ":")).encode())
+    key = hmac.new(master, b"lab-oidc-hs256-key", hashlib.sha256).digest()
+    return head + "." + body + "." + b64url(hmac.new(key, (head + "." + body).encode(), hashlib.sha256).digest())
 
 
 def free_port():
@@ -350,6 +376,12 @@ def _start(a, d, p, state):
         os.chmod(p(f), 0o755)
     for f in ("verifier.jsonl", "sts.jsonl", "pam.log"):
         touch_shared(p(f))
+    # web identity token and container auth token (files without a trailing newline: the SDKs send the bytes
+    # as they are)
+    oidc_iss = "https://" + OIDC_HOST % region
+    write(p("web-identity-token"), mint_web_token(master, oidc_iss), 0o644)
+    ecs_token = "lab-ecs-" + secrets.token_urlsafe(24)
+    write(p("ecs-auth-token"), ecs_token, 0o644)
 
     # 3. PAM module
     run(["gcc", "-O2", "-Wall", "-fPIC", "-shared", "-o", p("pam_rdsiam.so"),
@@ -369,6 +401,7 @@ def _start(a, d, p, state):
              "lab_trust": "", "lab_pass": "pass-" + secrets.token_hex(6)}
     pg_port = a.pg_port or free_port()
     pam_service = PAM_PREFIX + uniq + "-pg"
+    oidc_provider = "arn:aws:iam::111111111111:oidc-provider/" + OIDC_HOST % region
     conf = {
         "dir": d, "region": region,
         "ca_file": p("ca.pem"), "other_ca_file": p("other-ca.pem"),
@@ -381,10 +414,22 @@ def _start(a, d, p, state):
         "roles": {
             "hop": {"arn": HOP_ARN, "external_id": "lab-ext-id-123", "trusts": [BASE_ARN],
                     "max_session_duration": 43200},
-            "target": {"arn": TARGET_ARN, "trusts": [HOP_ARN], "max_session_duration": 3600},
+            "target": {"arn": TARGET_ARN, "trusts": [HOP_ARN, INSTANCE_ARN, TASK_ARN, WEB_ARN],
+                       "max_session_duration": 3600},
             "direct": {"arn": DIRECT_ARN, "external_id": "lab-direct-ext", "trusts": [BASE_ARN],
                        "max_session_duration": 43200},
+            "instance": {"arn": INSTANCE_ARN, "trusts": ["ec2.amazonaws.com"], "max_session_duration": 3600},
+            "task": {"arn": TASK_ARN, "trusts": ["ecs-tasks.amazonaws.com"], "max_session_duration": 3600},
+            "web": {"arn": WEB_ARN, "trusts": [oidc_provider], "oidc_sub": OIDC_SUB, "max_session_duration": 43200},
         },
+        "imds": {"endpoint": None, "role_name": INSTANCE_ROLE, "role_arn": INSTANCE_ARN, "instance_id": INSTANCE_ID,
+                 "session_arn": "arn:aws:sts::111111111111:assumed-role/%s/%s" % (INSTANCE_ROLE, INSTANCE_ID),
+                 "credential_seconds": 21600},
+        "ecs": {"full_uri": None, "auth_token": ecs_token, "auth_token_file": p("ecs-auth-token"),
+                "role_arn": TASK_ARN, "task_id": TASK_ID, "credential_seconds": 21600},
+        "web_identity": {"token_file": p("web-identity-token"), "role_arn": WEB_ARN, "issuer": oidc_iss,
+                         "provider_arn": oidc_provider, "audience": OIDC_AUD, "subject": OIDC_SUB,
+                         "token_expires_in": WEB_TOKEN_SECONDS},
         "verifier": {"log": p("verifier.jsonl"), "pam_log": p("pam.log")},
         "postgres": {"port": pg_port, "host": "127.0.0.1", "socket_dir": p("pg", "sock"),
                      "data_dir": p("pg", "data"), "log": p("pg", "postgres.log"),
@@ -443,6 +488,8 @@ def _start(a, d, p, state):
     sts_port = int(open(p("sts.port")).read())
     wait_for("STS health", lambda: http_ok(sts_port), 10, sts)
     conf["sts"].update(endpoint="http://127.0.0.1:%d" % sts_port, port=sts_port, pid=sts.pid)
+    conf["imds"]["endpoint"] = "http://127.0.0.1:%d" % sts_port
+    conf["ecs"]["full_uri"] = "http://127.0.0.1:%d/ecs/credentials" % sts_port
     conf["postgres"]["pid"] = int(open(p("pg", "data", "postmaster.pid")).readline())
     write(p("lab.json"), json.dumps(conf, indent=1) + "\n")
     say("STS up on 127.0.0.1:%d" % sts_port)
@@ -593,6 +640,17 @@ def token(a):
     return 0
 
 
+def web_token(a):
+    conf = load_json(os.path.join(os.path.abspath(a.dir), "lab.json"))
+    if not conf or "web_identity" not in conf:
+        raise LabError("no lab.json with a web_identity section in %s" % a.dir)
+    master = open(conf["master_secret_file"], "rb").read().strip()
+    wi = conf["web_identity"]
+    print(mint_web_token(master, a.iss or wi["issuer"], a.sub or wi["subject"], a.aud or wi["audience"],
+                         a.expires_in))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -613,11 +671,17 @@ def main():
     t.add_argument("--user", default=IAM_USER)
     t.add_argument("--endpoint")
     t.add_argument("--region")
+    w = sub.add_parser("web-token", help="print a web identity JWT signed for this lab (for tests)")
+    w.add_argument("--dir", required=True)
+    w.add_argument("--expires-in", type=int, default=WEB_TOKEN_SECONDS, help="seconds; negative = already expired")
+    w.add_argument("--aud")
+    w.add_argument("--sub")
+    w.add_argument("--iss")
     a = ap.parse_args()
     if a.cmd == "start" and not 60 <= a.sts_min_duration <= 900:
         ap.error("--sts-min-duration must be within 60..900")
     try:
-        return {"start": start, "stop": stop, "status": status, "token": token}[a.cmd](a)
+        return {"start": start, "stop": stop, "status": status, "token": token, "web-token": web_token}[a.cmd](a)
     except LabError as e:
         say("ERROR: %s" % e)
         return 1
