@@ -301,3 +301,68 @@ async fn rds_style_host_is_signed_and_verified_while_dialing_connect_to() {
         assert_eq!(r["ok"], true);
     }
 }
+
+#[tokio::test]
+async fn encryption_requests_are_declined_and_the_session_continues_in_plain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = Lab::get();
+    let sess = session("negotiation");
+    let spec = TargetSpec::new(&lab, "orders", &sess);
+    let _proxy = start_one(&lab, &spec);
+    // GSSENCRequest, then SSLRequest, each answered 'N', as a server without them does.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", spec.port))
+        .await
+        .unwrap();
+    for code in [80877104i32, 80877103] {
+        let mut m = 8i32.to_be_bytes().to_vec();
+        m.extend_from_slice(&code.to_be_bytes());
+        s.write_all(&m).await.unwrap();
+        let mut answer = [0u8; 1];
+        s.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"N");
+    }
+    drop(s);
+    // psql's default (sslmode=prefer) falls back to plain and logs in.
+    let out = std::process::Command::new("psql")
+        .arg(format!(
+            "host=127.0.0.1 port={} user=bytebase dbname=postgres sslmode=prefer",
+            spec.port
+        ))
+        .args(["-X", "-tAc", "select current_user"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "bytebase",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_silent_upstream_is_given_up_after_connect_timeout() {
+    let lab = Lab::get();
+    let sess = session("silent");
+    // Accepts TCP, never answers: a hung server or a half-open tunnel.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let spec = TargetSpec::new(&lab, "orders", &sess)
+        .set("connect_to", &format!("\"{addr}\""))
+        .set("connect_timeout", "1");
+    let _proxy = start_one(&lab, &spec);
+    let res = tokio::time::timeout(
+        Duration::from_secs(20),
+        pg(spec.port, "bytebase", "postgres"),
+    )
+    .await
+    .expect("the proxy must not hang");
+    let Err(err) = res else { panic!("must fail") };
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "08001");
+    assert!(
+        db.message().contains(&addr.to_string()) && db.message().contains("no answer"),
+        "{}",
+        db.message()
+    );
+    drop(silent);
+}

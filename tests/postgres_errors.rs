@@ -206,6 +206,19 @@ async fn each_failure_is_explained_and_the_proxy_keeps_serving() {
     );
     works().await;
 
+    // A refusal after the login (no such database) is the server's own error, unchanged.
+    let Err(err) = pg(good.port, "bytebase", "no_such_db").await else {
+        panic!("a missing database must fail")
+    };
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "3D000");
+    assert!(
+        db.message().contains("\"no_such_db\" does not exist"),
+        "{}",
+        db.message()
+    );
+    works().await;
+
     // psql shows the same explanation to a person.
     let (ok, _, err) = psql(scram.port, "lab_scram", "postgres", "select 1");
     assert!(

@@ -54,10 +54,20 @@ impl Lab {
             .map(|l| serde_json::from_str(&l).unwrap())
             .collect()
     }
+    /// Every STS emulator record (AssumeRole, IMDS, ECS, AssumeRoleWithWebIdentity...).
+    pub fn sts_log(&self) -> Vec<Value> {
+        self.log("/sts/log")
+    }
     pub fn sts_calls(&self, session_name: &str) -> Vec<Value> {
         self.log("/sts/log")
             .into_iter()
             .filter(|r| r["session_name"] == session_name && r["action"] == "AssumeRole")
+            .collect()
+    }
+    pub fn verifications_by_key(&self, akid: &str) -> Vec<Value> {
+        self.log("/verifier/log")
+            .into_iter()
+            .filter(|r| r["akid"] == akid)
             .collect()
     }
     pub fn verifications(&self, session_name: &str) -> Vec<Value> {
@@ -163,6 +173,17 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Start the proxy on `config` and wait until every listed port accepts.
     pub fn start(lab: &Lab, config: &str, ports: &[u16], extra_args: &[&str]) -> ProxyProcess {
+        Self::start_env(lab, config, ports, extra_args, &[])
+    }
+
+    /// As `start`, with extra environment; an empty value removes the variable.
+    pub fn start_env(
+        lab: &Lab,
+        config: &str,
+        ports: &[u16],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> ProxyProcess {
         let dir =
             std::env::temp_dir().join(format!("rip-test-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -186,8 +207,16 @@ impl ProxyProcess {
                 dir.join("no-aws-credentials"),
             )
             .stdin(Stdio::null())
+            .current_dir(&dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        for (k, v) in env {
+            if v.is_empty() {
+                cmd.env_remove(k);
+            } else {
+                cmd.env(k, v.replace("{dir}", &dir.display().to_string()));
+            }
+        }
         let child = cmd.spawn().expect("start rds-iam-proxy");
         let mut p = ProxyProcess {
             child,
