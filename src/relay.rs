@@ -1,28 +1,300 @@
 //! The byte pump after authentication, shared by both engines.
+//!
+//! Both directions are polled independently (a client streaming COPY while the server
+//! streams results must not deadlock), each through one fixed buffer. The client-to-server
+//! direction can be watched by an [`Inspect`]or: the MySQL engine uses it to take over at a
+//! `COM_CHANGE_USER`, which needs a fresh token rather than the client's scramble.
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
-/// Bytes moved by a finished relay.
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Per-direction buffer size.
+pub const BUF_SIZE: usize = 16 * 1024;
+
+/// Bytes moved, by direction.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Relayed {
     pub client_to_server: u64,
     pub server_to_client: u64,
 }
 
-/// Copy both ways until either side closes; the other side is then shut down.
-pub async fn relay<C, S>(client: &mut C, server: &mut S) -> (Relayed, Option<std::io::Error>)
+/// What an inspector decides about bytes on their way from the client to the server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward this many bytes; hold the rest until more arrives (a split header).
+    Pass(usize),
+    /// Forward this many bytes, then hand the rest to the engine.
+    Stop(usize),
+}
+
+pub trait Inspect: Send {
+    /// Look at client bytes not yet forwarded (held bytes come again, first).
+    fn inspect(&mut self, data: &[u8]) -> Verdict;
+}
+
+/// Why the relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// A side closed; the other was shut down.
+    Closed,
+    /// The client side failed.
+    ClientError(io::Error),
+    /// The server side failed.
+    ServerError(io::Error),
+    /// The inspector stopped: these client bytes were not forwarded; nothing is pending
+    /// toward the client. The engine takes over and may call [`relay`] again.
+    Handover(BytesMut),
+}
+
+struct Pipe {
+    buf: Box<[u8]>,
+    /// Bytes `[written..approved)` are to be written; `[approved..filled)` are held.
+    written: usize,
+    approved: usize,
+    filled: usize,
+    eof: bool,
+    stopped: bool,
+    need_flush: bool,
+    bytes: u64,
+}
+
+enum PipeState {
+    /// The reader reached EOF and the writer was shut down.
+    Done,
+    /// Stopped by the inspector with everything approved written and flushed.
+    Stopped,
+}
+
+enum Failed {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Pipe {
+    fn new(initial: &[u8]) -> Pipe {
+        let mut buf = vec![0u8; BUF_SIZE.max(initial.len())].into_boxed_slice();
+        buf[..initial.len()].copy_from_slice(initial);
+        Pipe {
+            buf,
+            written: 0,
+            approved: 0,
+            filled: initial.len(),
+            eof: false,
+            stopped: false,
+            need_flush: false,
+            bytes: 0,
+        }
+    }
+
+    fn judge(&mut self, inspector: &mut Option<&mut dyn Inspect>) {
+        let fresh = &self.buf[self.approved..self.filled];
+        match inspector {
+            None => self.approved = self.filled,
+            Some(i) => match i.inspect(fresh) {
+                Verdict::Pass(n) => self.approved += n.min(fresh.len()),
+                Verdict::Stop(n) => {
+                    self.approved += n.min(fresh.len());
+                    self.stopped = true;
+                }
+            },
+        }
+        if self.eof && !self.stopped {
+            // Nothing more will come to complete a held header: let it through.
+            self.approved = self.filled;
+        }
+    }
+
+    /// `drain_only`: write what is pending but read nothing more.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        reader: &mut R,
+        writer: &mut W,
+        inspector: &mut Option<&mut dyn Inspect>,
+        drain_only: bool,
+    ) -> Poll<Result<PipeState, Failed>>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        loop {
+            while self.written < self.approved {
+                let n =
+                    ready!(Pin::new(&mut *writer)
+                        .poll_write(cx, &self.buf[self.written..self.approved]))
+                    .map_err(Failed::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Failed::Write(io::ErrorKind::WriteZero.into())));
+                }
+                self.written += n;
+                self.bytes += n as u64;
+                self.need_flush = true;
+            }
+            if self.stopped || drain_only {
+                if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Write)?;
+                    self.need_flush = false;
+                }
+                if self.stopped {
+                    return Poll::Ready(Ok(PipeState::Stopped));
+                }
+                return Poll::Pending;
+            }
+            if self.eof {
+                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(Failed::Write)?;
+                return Poll::Ready(Ok(PipeState::Done));
+            }
+            // Everything approved is written: keep only held bytes, at the front.
+            if self.written > 0 {
+                self.buf.copy_within(self.written..self.filled, 0);
+                self.filled -= self.written;
+                self.approved -= self.written;
+                self.written = 0;
+            }
+            if self.filled == self.buf.len() {
+                // An inspector holding a whole buffer would stall: let it through.
+                self.approved = self.filled;
+                continue;
+            }
+            let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    if n == 0 {
+                        self.eof = true;
+                    }
+                    self.filled += n;
+                    self.judge(inspector);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Read(e))),
+                Poll::Pending => {
+                    if self.need_flush {
+                        ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Write)?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn rest(&self) -> BytesMut {
+        BytesMut::from(&self.buf[self.approved..self.filled])
+    }
+}
+
+/// Relay until a side closes, a side fails, or the inspector hands over.
+/// `client_first`: client bytes already read (they go through the inspector too).
+pub async fn relay<C, S>(
+    client: &mut C,
+    server: &mut S,
+    client_first: &[u8],
+    mut inspector: Option<&mut dyn Inspect>,
+) -> (Relayed, End)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    match tokio::io::copy_bidirectional(client, server).await {
-        Ok((up, down)) => (
-            Relayed {
-                client_to_server: up,
-                server_to_client: down,
-            },
-            None,
-        ),
-        Err(e) => (Relayed::default(), Some(e)),
+    let mut up = Pipe::new(client_first);
+    up.judge(&mut inspector);
+    let mut down = Pipe::new(&[]);
+    let mut none: Option<&mut dyn Inspect> = None;
+    let mut up_done = false;
+    let end = poll_fn(|cx| {
+        if !up_done {
+            match up.poll(cx, client, server, &mut inspector, false) {
+                Poll::Ready(Ok(PipeState::Done)) => up_done = true,
+                Poll::Ready(Ok(PipeState::Stopped)) => {}
+                Poll::Ready(Err(Failed::Read(e))) => return Poll::Ready(End::ClientError(e)),
+                Poll::Ready(Err(Failed::Write(e))) => return Poll::Ready(End::ServerError(e)),
+                Poll::Pending => {}
+            }
+        }
+        match down.poll(cx, server, client, &mut none, up.stopped) {
+            // The server ended the session: nothing the client sends matters any more.
+            Poll::Ready(Ok(PipeState::Done)) => Poll::Ready(End::Closed),
+            Poll::Ready(Ok(PipeState::Stopped)) => unreachable!("no inspector downstream"),
+            Poll::Ready(Err(Failed::Read(e))) => Poll::Ready(End::ServerError(e)),
+            Poll::Ready(Err(Failed::Write(e))) => Poll::Ready(End::ClientError(e)),
+            Poll::Pending if up.stopped && down.written == down.approved && !down.need_flush => {
+                Poll::Ready(End::Handover(up.rest()))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    (
+        Relayed {
+            client_to_server: up.bytes,
+            server_to_client: down.bytes,
+        },
+        end,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Stops at the first 'X' byte.
+    struct StopAtX;
+    impl Inspect for StopAtX {
+        fn inspect(&mut self, data: &[u8]) -> Verdict {
+            match data.iter().position(|&b| b == b'X') {
+                Some(i) => Verdict::Stop(i),
+                None => Verdict::Pass(data.len()),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn moves_bytes_both_ways_and_counts_them() {
+        let (mut client_app, mut client) = tokio::io::duplex(64);
+        let (mut server, mut server_app) = tokio::io::duplex(64);
+        let pump =
+            tokio::spawn(async move { relay(&mut client, &mut server, b"first ", None).await });
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let big2 = big.clone();
+        let writer = tokio::spawn(async move {
+            client_app.write_all(&big2).await.unwrap();
+            let mut back = Vec::new();
+            client_app.shutdown().await.unwrap();
+            client_app.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = Vec::new();
+        server_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(&got[..6], b"first ");
+        assert!(got[6..] == big[..]);
+        server_app.write_all(b"bye").await.unwrap();
+        drop(server_app);
+        assert_eq!(writer.await.unwrap(), b"bye");
+        let (n, end) = pump.await.unwrap();
+        assert!(matches!(end, End::Closed), "{end:?}");
+        assert_eq!(n.client_to_server, 200_006);
+        assert_eq!(n.server_to_client, 3);
+    }
+
+    #[tokio::test]
+    async fn hands_over_at_the_inspected_point_with_the_rest() {
+        let (mut client_app, mut client) = tokio::io::duplex(64);
+        let (mut server, mut server_app) = tokio::io::duplex(64);
+        client_app.write_all(b"abcXdef").await.unwrap();
+        let mut insp = StopAtX;
+        let (n, end) = relay(&mut client, &mut server, b"", Some(&mut insp)).await;
+        let End::Handover(rest) = end else {
+            panic!("{end:?}")
+        };
+        assert_eq!(&rest[..], b"Xdef");
+        assert_eq!(n.client_to_server, 3);
+        let mut got = [0u8; 3];
+        server_app.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"abc");
     }
 }

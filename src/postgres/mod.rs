@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 use crate::proxy::TargetRuntime;
+use crate::relay::{relay, End, Relayed};
 use cancel::CancelRegistry;
 use frontend::Opening;
 
@@ -71,7 +72,7 @@ pub async fn serve(
             target = %target.cfg.name, client = %peer, user = %user, database = %database,
             duration_ms = elapsed_ms, bytes_from_client = relayed.client_to_server,
             bytes_to_client = relayed.server_to_client, result = "ok",
-            error = io_error.map(|e| e.to_string()),
+            error = io_error,
             "connection closed"
         ),
         Err(f) => {
@@ -93,7 +94,7 @@ async fn session(
     database: &str,
     target: &Arc<TargetRuntime>,
     cancels: &Arc<CancelRegistry>,
-) -> Result<(crate::relay::Relayed, Option<std::io::Error>), Failure> {
+) -> Result<(Relayed, Option<String>), Failure> {
     if user.is_empty() {
         return Err(Failure::ClientProtocol(
             "the startup message names no user".into(),
@@ -126,16 +127,13 @@ async fn session(
         .write_all(&upstream.to_client)
         .await
         .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
-    if !client_buf.is_empty() {
-        // Anything the client pipelined behind its startup message.
-        upstream
-            .stream
-            .write_all(client_buf)
-            .await
-            .map_err(|e| Failure::UpstreamProtocol(e.to_string()))?;
-    }
-    let (mut relayed, err) = crate::relay::relay(client, &mut upstream.stream).await;
+    // Anything the client pipelined behind its startup message goes first.
+    let (mut relayed, end) = relay(client, &mut upstream.stream, client_buf, None).await;
     relayed.server_to_client += upstream.to_client.len() as u64;
-    relayed.client_to_server += client_buf.len() as u64;
+    let err = match end {
+        End::Closed | End::Handover(_) => None,
+        End::ClientError(e) => Some(format!("client: {e}")),
+        End::ServerError(e) => Some(format!("server: {e}")),
+    };
     Ok((relayed, err))
 }
