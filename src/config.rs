@@ -315,9 +315,6 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         );
     }
     check_ca_file(&t.ca_file)?;
-    if t.engine == Engine::Mysql {
-        return Err("engine = \"mysql\" is not available in this version yet; only \"postgres\" targets can be served".into());
-    }
 
     let base = match (&t.profile, &t.access_key_id, &t.secret_access_key) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {

@@ -3,6 +3,16 @@
 
 use std::fmt;
 
+/// An error reported by the database server, in engine-neutral terms.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    /// SQLSTATE.
+    pub code: String,
+    /// MySQL error number (0 for PostgreSQL).
+    pub errno: u16,
+    pub message: String,
+}
+
 #[derive(Debug)]
 pub enum Failure {
     /// The client asked for a user other than the target's `db_user`.
@@ -18,13 +28,16 @@ pub enum Failure {
     /// The server asked for an authentication other than cleartext: not an IAM user.
     NotIamUser { user: String, method: String },
     /// The server refused the token. `message` is the server's own words.
-    TokenRejected { message: String, code: String },
+    TokenRejected(ServerError),
     /// The server refused the login before asking for a password.
-    ServerRefused { message: String, code: String },
+    ServerRefused(ServerError),
     /// The server's own error, already encoded in the client's protocol: passed on as is.
-    Forward(bytes::Bytes),
+    /// `reason` is its message, for the log.
+    Forward { raw: bytes::Bytes, reason: String },
     /// The client broke the protocol.
     ClientProtocol(String),
+    /// A step did not finish in time (the text says which).
+    Timeout(String),
     /// The upstream broke the protocol or closed during the handshake.
     UpstreamProtocol(String),
 }
@@ -41,8 +54,9 @@ impl Failure {
             | Failure::TlsRefused { .. }
             | Failure::Tls { .. }
             | Failure::UpstreamProtocol(_) => "upstream_error",
-            Failure::ServerRefused { .. } | Failure::Forward(_) => "server_error",
+            Failure::ServerRefused(_) | Failure::Forward { .. } => "server_error",
             Failure::ClientProtocol(_) => "client_error",
+            Failure::Timeout(_) => "timeout",
         }
     }
 }
@@ -61,14 +75,11 @@ impl fmt::Display for Failure {
             Failure::NotIamUser { user, method } => {
                 write!(f, "server asked {method} for {user}: not an IAM user")
             }
-            Failure::TokenRejected { message, .. } => {
-                write!(f, "server rejected the token: {message}")
-            }
-            Failure::ServerRefused { message, .. } => {
-                write!(f, "server refused the login: {message}")
-            }
-            Failure::Forward(_) => write!(f, "server error passed to the client"),
+            Failure::TokenRejected(e) => write!(f, "server rejected the token: {}", e.message),
+            Failure::ServerRefused(e) => write!(f, "server refused the login: {}", e.message),
+            Failure::Forward { reason, .. } => write!(f, "server error: {reason}"),
             Failure::ClientProtocol(m) => write!(f, "client protocol error: {m}"),
+            Failure::Timeout(m) => write!(f, "timed out: {m}"),
             Failure::UpstreamProtocol(m) => write!(f, "upstream protocol error: {m}"),
         }
     }

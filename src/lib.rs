@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod config;
 pub mod failure;
+pub mod mysql;
 pub mod postgres;
 pub mod proxy;
 pub mod relay;

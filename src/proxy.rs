@@ -10,12 +10,40 @@ use crate::aws::{CredentialChain, TokenCache, TokenEntry, TokenKey};
 use crate::config::{Config, CredentialSpec, Engine, Target};
 use crate::postgres;
 
+/// A client must finish its side of the handshake within this (PostgreSQL's
+/// authentication_timeout is one minute too).
+pub const CLIENT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Beyond connect_timeout, what a login (token, TLS, server's auth) may take in all.
+const LOGIN_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Run `fut` for at most `limit`; past it, fail with `what` (so nothing hangs forever).
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, crate::failure::Failure>>,
+) -> Result<T, crate::failure::Failure> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(crate::failure::Failure::Timeout(format!(
+            "{what} within {} s",
+            limit.as_secs()
+        ))),
+    }
+}
+
 /// Everything a connection to one target needs, built once at start.
 pub struct TargetRuntime {
     pub cfg: Target,
     pub tls: Arc<rustls::ClientConfig>,
     pub server_name: ServerName<'static>,
     pub tokens: Arc<TokenEntry>,
+}
+
+impl TargetRuntime {
+    /// The bound on one upstream login, from dial to ready.
+    pub fn login_timeout(&self) -> std::time::Duration {
+        self.cfg.connect_timeout + LOGIN_BUDGET
+    }
 }
 
 pub struct Proxy {
@@ -118,8 +146,7 @@ async fn accept_loop(
                         tokio::spawn(postgres::serve(stream, peer, target, cancels));
                     }
                     Engine::Mysql => {
-                        // Refused at config load; kept exhaustive for the next engine.
-                        drop(stream);
+                        tokio::spawn(crate::mysql::serve(stream, peer, target));
                     }
                 }
             }
@@ -129,5 +156,30 @@ async fn accept_loop(
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// The one log line of a finished connection, for both engines.
+pub fn log_closed(
+    cfg: &Target,
+    peer: std::net::SocketAddr,
+    user: &str,
+    database: &str,
+    started: std::time::Instant,
+    outcome: &Result<(crate::relay::Relayed, Option<String>), crate::failure::Failure>,
+) {
+    let duration_ms = started.elapsed().as_millis() as u64;
+    match outcome {
+        Ok((relayed, error)) => tracing::info!(
+            target = %cfg.name, engine = cfg.engine.as_str(), client = %peer, user = %user,
+            database = %database, duration_ms, bytes_from_client = relayed.client_to_server,
+            bytes_to_client = relayed.server_to_client, result = "ok", error = error.as_deref(),
+            "connection closed"
+        ),
+        Err(f) => tracing::warn!(
+            target = %cfg.name, engine = cfg.engine.as_str(), client = %peer, user = %user,
+            database = %database, duration_ms, result = f.kind(), error = %f,
+            "connection closed"
+        ),
     }
 }

@@ -51,6 +51,17 @@ pub enum End {
     Handover(BytesMut),
 }
 
+impl End {
+    /// The error worth logging, if any.
+    pub fn error(self) -> Option<String> {
+        match self {
+            End::Closed | End::Handover(_) => None,
+            End::ClientError(e) => Some(format!("client: {e}")),
+            End::ServerError(e) => Some(format!("server: {e}")),
+        }
+    }
+}
+
 struct Pipe {
     buf: Box<[u8]>,
     /// Bytes `[written..approved)` are to be written; `[approved..filled)` are held.

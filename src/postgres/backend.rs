@@ -9,8 +9,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::wire::read_message;
-use crate::aws::Token;
-use crate::failure::Failure;
+use crate::failure::{Failure, ServerError};
 use crate::proxy::TargetRuntime;
 
 /// Server messages during the handshake are small; anything bigger is a broken peer.
@@ -18,16 +17,23 @@ const MAX_HANDSHAKE_MESSAGE: usize = 1 << 20;
 
 pub struct Upstream {
     pub stream: TlsStream<TcpStream>,
+    /// The server's address, for routing CancelRequests to this very server.
+    pub peer: std::net::SocketAddr,
     /// AuthenticationOk .. ReadyForQuery (and anything after), raw, for the client.
     pub to_client: BytesMut,
     /// The server's cancel key (pid, secret).
     pub key: Option<(i32, Bytes)>,
 }
 
-/// Dial, ask for TLS, and complete the TLS handshake. The token is sent only over this.
-pub async fn open_tls(target: &TargetRuntime) -> Result<TlsStream<TcpStream>, Failure> {
+/// Dial (`cfg.dial`, or `addr` when given), ask for TLS, and complete the TLS handshake
+/// for the endpoint name. The token is sent only over this.
+pub async fn open_tls(
+    target: &TargetRuntime,
+    addr: Option<std::net::SocketAddr>,
+) -> Result<TlsStream<TcpStream>, Failure> {
     let cfg = &target.cfg;
-    let addr = cfg.dial.as_str();
+    let addr_text = addr.map(|a| a.to_string());
+    let addr = addr_text.as_deref().unwrap_or(cfg.dial.as_str());
     let mut tcp = crate::upstream::dial(addr, cfg.connect_timeout).await?;
     let mut req = BytesMut::with_capacity(8);
     req.put_i32(8);
@@ -81,10 +87,20 @@ pub async fn connect(
     target: &TargetRuntime,
     client_startup: &Startup,
     database: &str,
-    token: &Token,
 ) -> Result<Upstream, Failure> {
     let cfg = &target.cfg;
-    let mut stream = open_tls(target).await?;
+    let mut stream = open_tls(target, None).await?;
+    let peer = stream
+        .get_ref()
+        .0
+        .peer_addr()
+        .map_err(|e| Failure::UpstreamProtocol(e.to_string()))?;
+    // Fetched after the dial and TLS, so the token is as fresh as it can be when used.
+    let token = target
+        .tokens
+        .token()
+        .await
+        .map_err(|e| Failure::Credentials(e.to_string()))?;
 
     let mut startup = Startup::new();
     startup.protocol_number_major = client_startup.protocol_number_major;
@@ -159,14 +175,17 @@ pub async fn connect(
             }
             b'E' if !authenticated => {
                 let fields = super::error::parse_fields(&msg);
-                let message = fields.get(&b'M').cloned().unwrap_or_default();
-                let code = fields.get(&b'C').cloned().unwrap_or_else(|| "28000".into());
+                let e = ServerError {
+                    message: fields.get(&b'M').cloned().unwrap_or_default(),
+                    code: fields.get(&b'C').cloned().unwrap_or_else(|| "28000".into()),
+                    errno: 0,
+                };
                 if sent_token {
-                    return Err(Failure::TokenRejected { message, code });
+                    return Err(Failure::TokenRejected(e));
                 }
-                // Refused before any password was asked (no such database, too many
-                // connections, pg_hba): the server's words are the most useful.
-                return Err(Failure::ServerRefused { message, code });
+                // Refused before any password was asked (too many connections, pg_hba):
+                // the server's words are the most useful.
+                return Err(Failure::ServerRefused(e));
             }
             b'K' => {
                 let mut body = msg.clone();
@@ -183,6 +202,7 @@ pub async fn connect(
                 to_client.extend_from_slice(&buf);
                 return Ok(Upstream {
                     stream,
+                    peer,
                     to_client,
                     key,
                 });
@@ -190,7 +210,13 @@ pub async fn connect(
             b'E' => {
                 // An error after authentication (e.g. no such database): the client gets it.
                 to_client.extend_from_slice(&msg);
-                return Err(Failure::Forward(to_client.freeze()));
+                let reason = super::error::parse_fields(&msg)
+                    .remove(&b'M')
+                    .unwrap_or_default();
+                return Err(Failure::Forward {
+                    raw: to_client.freeze(),
+                    reason,
+                });
             }
             _ => to_client.extend_from_slice(&msg),
         }

@@ -11,6 +11,8 @@ use crate::proxy::TargetRuntime;
 
 struct Route {
     target: Arc<TargetRuntime>,
+    /// The very server of the session: a DNS name may lead elsewhere by now.
+    addr: std::net::SocketAddr,
     pid: i32,
     secret: Bytes,
 }
@@ -41,6 +43,7 @@ impl CancelRegistry {
     pub fn register(
         self: &Arc<Self>,
         target: Arc<TargetRuntime>,
+        addr: std::net::SocketAddr,
         pid: i32,
         secret: Bytes,
     ) -> (Registration, i32, i32) {
@@ -59,6 +62,7 @@ impl CancelRegistry {
                 key.clone(),
                 Route {
                     target,
+                    addr,
                     pid,
                     secret,
                 },
@@ -80,13 +84,13 @@ impl CancelRegistry {
             let routes = self.routes.lock().unwrap();
             routes
                 .get(&(pid, secret.clone()))
-                .map(|r| (r.target.clone(), r.pid, r.secret.clone()))
+                .map(|r| (r.target.clone(), r.addr, r.pid, r.secret.clone()))
         };
-        let Some((target, server_pid, server_secret)) = route else {
+        let Some((target, addr, server_pid, server_secret)) = route else {
             tracing::info!("cancel request with an unknown key ignored");
             return;
         };
-        match super::backend::open_tls(&target).await {
+        match super::backend::open_tls(&target, Some(addr)).await {
             Ok(mut s) => {
                 let mut m = BytesMut::with_capacity(16 + server_secret.len());
                 m.put_i32((12 + server_secret.len()) as i32);

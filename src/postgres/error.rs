@@ -66,9 +66,9 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
             None,
             Some(format!("on the database run GRANT rds_iam TO \"{user}\"; or set db_user to a user that has it")),
         ),
-        Failure::TokenRejected { message, code } => (
-            code.clone(),
-            message.clone(),
+        Failure::TokenRejected(e) => (
+            e.code.clone(),
+            e.message.clone(),
             Some(format!(
                 "rds-iam-proxy signed an IAM token for {endpoint} as user \"{}\" in region {}",
                 t.db_user, t.region
@@ -78,7 +78,7 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
                 t.region, t.db_user
             )),
         ),
-        Failure::ServerRefused { message, code } => (code.clone(), message.clone(), None, None),
+        Failure::ServerRefused(e) => (e.code.clone(), e.message.clone(), None, None),
         Failure::ClientProtocol(m) => ("08P01".into(), format!("rds-iam-proxy: {m}"), None, None),
         Failure::UpstreamProtocol(m) => (
             "08006".into(),
@@ -86,12 +86,18 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
             None,
             None,
         ),
-        Failure::Forward(_) => ("XX000".into(), String::new(), None, None),
+        Failure::Timeout(m) => (
+            "08006".into(),
+            format!("rds-iam-proxy: timed out: {m}"),
+            None,
+            Some("check that the database and STS answer; see the proxy's log".into()),
+        ),
+        Failure::Forward { .. } => ("XX000".into(), String::new(), None, None),
     }
 }
 
 pub fn encode(f: &Failure, t: &Target) -> BytesMut {
-    if let Failure::Forward(raw) = f {
+    if let Failure::Forward { raw, .. } = f {
         return BytesMut::from(&raw[..]);
     }
     let (code, message, detail, hint) = describe(f, t);

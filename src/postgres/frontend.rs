@@ -75,7 +75,8 @@ pub async fn read_opening(client: &mut TcpStream, buf: &mut BytesMut) -> Result<
             CANCEL_REQUEST => {
                 // Keys are 4 bytes in protocol 3.0 and up to 256 in 3.2: decode as bytes.
                 let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_2);
-                let msg = CancelRequest::decode(buf, &ctx)
+                let mut packet = buf.split_to(len);
+                let msg = CancelRequest::decode(&mut packet, &ctx)
                     .map_err(|e| Failure::ClientProtocol(format!("bad CancelRequest: {e}")))?
                     .ok_or_else(|| Failure::ClientProtocol("incomplete CancelRequest".into()))?;
                 return Ok(Opening::Cancel {
@@ -92,7 +93,9 @@ pub async fn read_opening(client: &mut TcpStream, buf: &mut BytesMut) -> Result<
                     )));
                 }
                 let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
-                let startup = Startup::decode(buf, &ctx)
+                // Decode this packet only: bytes after it are the client's, not the startup's.
+                let mut packet = buf.split_to(len);
+                let startup = Startup::decode(&mut packet, &ctx)
                     .map_err(|e| Failure::ClientProtocol(format!("bad startup packet: {e}")))?
                     .ok_or_else(|| Failure::ClientProtocol("incomplete startup packet".into()))?;
                 return Ok(Opening::Startup(startup));

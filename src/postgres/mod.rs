@@ -17,8 +17,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::failure::Failure;
-use crate::proxy::TargetRuntime;
-use crate::relay::{relay, End, Relayed};
+use crate::proxy::{within, TargetRuntime, CLIENT_HANDSHAKE_TIMEOUT};
+use crate::relay::{relay, Relayed};
 use cancel::CancelRegistry;
 use frontend::Opening;
 
@@ -31,21 +31,27 @@ pub async fn serve(
 ) {
     let started = Instant::now();
     let mut buf = BytesMut::with_capacity(1024);
-    let opening = match frontend::read_opening(&mut client, &mut buf).await {
-        Ok(o) => o,
-        Err(f) => {
-            tracing::info!(target = %target.cfg.name, client = %peer, result = f.kind(), error = %f, "connection refused");
-            error::send(&mut client, &f, &target.cfg).await;
-            return;
-        }
-    };
+    let opening = within(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        "the client did not send its startup message",
+        frontend::read_opening(&mut client, &mut buf),
+    )
+    .await;
     let startup = match opening {
-        Opening::Cancel { pid, secret } => {
+        Ok(Opening::Startup(s)) => s,
+        Ok(Opening::Cancel { pid, secret }) => {
             cancels.forward(pid, &secret).await;
             return;
         }
-        Opening::Closed => return,
-        Opening::Startup(s) => s,
+        Ok(Opening::Closed) => return,
+        Err(f) => {
+            let outcome = Err(f);
+            crate::proxy::log_closed(&target.cfg, peer, "", "", started, &outcome);
+            if let Err(f) = outcome {
+                error::send(&mut client, &f, &target.cfg).await;
+            }
+            return;
+        }
     };
     let user = startup.parameters.get("user").cloned().unwrap_or_default();
     let database = startup
@@ -66,23 +72,9 @@ pub async fn serve(
         &cancels,
     )
     .await;
-    let elapsed_ms = started.elapsed().as_millis() as u64;
-    match outcome {
-        Ok((relayed, io_error)) => tracing::info!(
-            target = %target.cfg.name, client = %peer, user = %user, database = %database,
-            duration_ms = elapsed_ms, bytes_from_client = relayed.client_to_server,
-            bytes_to_client = relayed.server_to_client, result = "ok",
-            error = io_error,
-            "connection closed"
-        ),
-        Err(f) => {
-            tracing::warn!(
-                target = %target.cfg.name, client = %peer, user = %user, database = %database,
-                duration_ms = elapsed_ms, result = f.kind(), error = %f,
-                "connection closed"
-            );
-            error::send(&mut client, &f, &target.cfg).await;
-        }
+    crate::proxy::log_closed(&target.cfg, peer, &user, &database, started, &outcome);
+    if let Err(f) = outcome {
+        error::send(&mut client, &f, &target.cfg).await;
     }
 }
 
@@ -106,18 +98,18 @@ async fn session(
             expected: target.cfg.db_user.clone(),
         });
     }
-    let token = target
-        .tokens
-        .token()
-        .await
-        .map_err(|e| Failure::Credentials(e.to_string()))?;
-    let mut upstream = backend::connect(target, &startup, database, &token).await?;
-    drop(token);
+    let mut upstream = within(
+        target.login_timeout(),
+        "the database login did not finish",
+        backend::connect(target, &startup, database),
+    )
+    .await?;
 
     // Give the client a key of ours; a CancelRequest with it reaches this upstream.
     let _registration = match upstream.key.take() {
         Some((pid, secret)) => {
-            let (reg, client_pid, client_secret) = cancels.register(target.clone(), pid, secret);
+            let (reg, client_pid, client_secret) =
+                cancels.register(target.clone(), upstream.peer, pid, secret);
             wire::rewrite_backend_key(&mut upstream.to_client, client_pid, client_secret);
             Some(reg)
         }
@@ -130,10 +122,5 @@ async fn session(
     // Anything the client pipelined behind its startup message goes first.
     let (mut relayed, end) = relay(client, &mut upstream.stream, client_buf, None).await;
     relayed.server_to_client += upstream.to_client.len() as u64;
-    let err = match end {
-        End::Closed | End::Handover(_) => None,
-        End::ClientError(e) => Some(format!("client: {e}")),
-        End::ServerError(e) => Some(format!("server: {e}")),
-    };
-    Ok((relayed, err))
+    Ok((relayed, end.error()))
 }

@@ -1,0 +1,227 @@
+//! MySQL engine (MySQL, MariaDB, Aurora MySQL): a plain client on one side, an
+//! IAM-authenticated TLS session on the other. The upstream is dialed first so the client's
+//! greeting can mirror the server's; `frontend` speaks to the client, `backend` to the server,
+//! `error` turns failures into ERR packets, `wire` frames packets.
+
+pub mod backend;
+pub mod error;
+pub mod frontend;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use mysql_common::io::ParseBuf;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::failure::Failure;
+use crate::proxy::{within, TargetRuntime, CLIENT_HANDSHAKE_TIMEOUT};
+use crate::relay::{relay, End, Relayed};
+use backend::ChangeUserTail;
+use wire::{packet, read_packet, ChangeUserWatch};
+
+/// Serve one client connection to its end.
+pub async fn serve(mut client: TcpStream, peer: SocketAddr, target: Arc<TargetRuntime>) {
+    let started = Instant::now();
+    let mut user = String::new();
+    let mut database = String::new();
+    // The sequence id our next packet to the client must carry.
+    let mut seq = 0u8;
+    let outcome = session(
+        &mut client,
+        &target,
+        peer,
+        &mut user,
+        &mut database,
+        &mut seq,
+    )
+    .await;
+    crate::proxy::log_closed(&target.cfg, peer, &user, &database, started, &outcome);
+    if let Err(f) = outcome {
+        error::send(&mut client, &f, &target.cfg, seq).await;
+    }
+}
+
+async fn session(
+    client: &mut TcpStream,
+    target: &Arc<TargetRuntime>,
+    peer: SocketAddr,
+    user: &mut String,
+    database: &mut String,
+    seq: &mut u8,
+) -> Result<(Relayed, Option<String>), Failure> {
+    let cfg = &target.cfg;
+    let (tcp, greeting) = within(
+        target.login_timeout(),
+        "the server's greeting did not come",
+        backend::greet(target),
+    )
+    .await?;
+    let (hello, offered) = frontend::greeting(&greeting);
+    client
+        .write_all(&packet(0, &hello))
+        .await
+        .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
+    *seq = 1;
+    let mut buf = BytesMut::with_capacity(1024);
+    let response = within(
+        CLIENT_HANDSHAKE_TIMEOUT,
+        "the client did not answer the greeting",
+        frontend::read_response(client, &mut buf, offered),
+    )
+    .await?;
+    *seq = response.seq.wrapping_add(1);
+    *user = response.user.clone();
+    *database = response
+        .login
+        .database
+        .as_deref()
+        .map(|d| String::from_utf8_lossy(d).into_owned())
+        .unwrap_or_default();
+    tracing::info!(target = %cfg.name, client = %peer, user = %user, database = %database, "connection opened");
+    if response.user != cfg.db_user {
+        return Err(Failure::WrongUser {
+            got: response.user,
+            expected: cfg.db_user.clone(),
+        });
+    }
+    let mut login = response.login;
+    if login.database.is_none() {
+        login.database = cfg.database.as_ref().map(|d| d.as_bytes().to_vec());
+    }
+    let mut upstream = within(
+        target.login_timeout(),
+        "the database login did not finish",
+        backend::login(target, tcp, &greeting, &login),
+    )
+    .await?;
+    client
+        .write_all(&packet(*seq, &upstream.ok))
+        .await
+        .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
+
+    // Relay; take over only for COM_CHANGE_USER, then go on relaying.
+    let mut total = Relayed::default();
+    let mut pending = buf;
+    loop {
+        let mut watch = ChangeUserWatch::default();
+        let (moved, end) = relay(client, &mut upstream.stream, &pending, Some(&mut watch)).await;
+        total.client_to_server += moved.client_to_server;
+        total.server_to_client += moved.server_to_client;
+        match end {
+            End::Handover(mut rest) => {
+                let Some((_, command)) = read_packet(client, &mut rest, frontend::MAX_RESPONSE)
+                    .await
+                    .map_err(|e| Failure::ClientProtocol(format!("COM_CHANGE_USER: {e}")))?
+                else {
+                    return Ok((total, None));
+                };
+                let (reply, broken) = change_user(target, &mut upstream, &command, user).await;
+                client
+                    .write_all(&packet(1, &reply))
+                    .await
+                    .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
+                if broken {
+                    return Ok((
+                        total,
+                        Some("the server connection broke during COM_CHANGE_USER".into()),
+                    ));
+                }
+                pending = rest;
+            }
+            other => return Ok((total, other.error())),
+        }
+    }
+}
+
+/// Answer a client's COM_CHANGE_USER: re-authenticate the same session with a fresh token,
+/// or refuse it with an ERR while the session stays as it was. Returns the reply payload,
+/// and whether the server connection is broken (then the session ends after the reply).
+async fn change_user(
+    target: &TargetRuntime,
+    upstream: &mut backend::Upstream,
+    command: &[u8],
+    session_user: &mut String,
+) -> (Vec<u8>, bool) {
+    let cfg = &target.cfg;
+    let refuse = |f: &Failure| {
+        let (errno, state, message) = error::describe(f, cfg);
+        error::err_payload(errno, &state, &message)
+    };
+    let Some((user, db, tail)) = parse_change_user(command) else {
+        return (
+            refuse(&Failure::ClientProtocol(
+                "unreadable COM_CHANGE_USER".into(),
+            )),
+            false,
+        );
+    };
+    if user != cfg.db_user {
+        tracing::warn!(target = %cfg.name, user = %user, "COM_CHANGE_USER to another user refused");
+        return (
+            refuse(&Failure::WrongUser {
+                got: user,
+                expected: cfg.db_user.clone(),
+            }),
+            false,
+        );
+    }
+    let token = match target.tokens.token().await {
+        Ok(t) => t,
+        Err(e) => return (refuse(&Failure::Credentials(e.to_string())), false),
+    };
+    let exchange = backend::change_user(
+        &mut upstream.stream,
+        &cfg.db_user,
+        &db,
+        &tail,
+        upstream.capabilities,
+        &token,
+    );
+    match within(
+        target.login_timeout(),
+        "COM_CHANGE_USER did not finish",
+        exchange,
+    )
+    .await
+    {
+        Ok(ok) => {
+            tracing::info!(target = %cfg.name, user = %user, "COM_CHANGE_USER re-authenticated with a fresh token");
+            *session_user = user;
+            (ok.to_vec(), false)
+        }
+        Err(f) => {
+            tracing::warn!(target = %cfg.name, error = %f, "COM_CHANGE_USER failed");
+            let broken = matches!(f, Failure::Timeout(_) | Failure::UpstreamProtocol(_));
+            (refuse(&f), broken)
+        }
+    }
+}
+
+/// (user, database, tail) of a COM_CHANGE_USER payload. mysql_common's ComChangeUser has no
+/// getters, so the few fields are read here.
+fn parse_change_user(p: &[u8]) -> Option<(String, Vec<u8>, ChangeUserTail)> {
+    let mut b = ParseBuf(p.get(1..)?);
+    let user = null_str(&mut b)?;
+    let _client_auth = b.checked_eat_u8_str()?;
+    let db = null_str(&mut b)?.to_vec();
+    let mut tail = ChangeUserTail::default();
+    if b.len() >= 2 {
+        tail.charset = Some(b.checked_eat_u16_le()?);
+        let _plugin = null_str(&mut b);
+        if !b.is_empty() {
+            tail.attributes = Some(b.eat_all().to_vec());
+        }
+    }
+    Some((String::from_utf8(user.to_vec()).ok()?, db, tail))
+}
+
+fn null_str<'a>(b: &mut ParseBuf<'a>) -> Option<&'a [u8]> {
+    let pos = b.0.iter().position(|&c| c == 0)?;
+    let s = b.eat(pos);
+    b.skip(1);
+    Some(s)
+}
