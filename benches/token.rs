@@ -63,7 +63,11 @@ fn main() {
     rt.block_on(async {
         let cache = TokenCache::new();
         let key = TokenKey {
-            identity: "bench".into(),
+            credentials: rds_iam_proxy::config::CredentialSpec {
+                base: rds_iam_proxy::config::BaseCredentials::DefaultChain,
+                hops: vec![],
+                sts_region: "us-east-1".into(),
+            },
             region: "us-east-1".into(),
             host: "orders.abc123.us-east-1.rds.amazonaws.com".into(),
             port: 5432,

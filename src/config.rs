@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The whole file.
-#[derive(Debug, Deserialize)]
+/// The whole file. No `Debug`: it holds secrets as written.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     #[serde(default, rename = "target")]
@@ -46,13 +46,16 @@ pub enum TlsMode {
     VerifyCa,
 }
 
-/// One `[[target]]` table as written by the user.
-#[derive(Debug, Clone, Deserialize)]
+/// One `[[target]]` table as written by the user. No `Debug`: it holds secrets as written.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
     pub engine: Engine,
     pub listen: String,
+    /// Allow a non-loopback `listen`: whoever reaches it gets a session as `db_user`.
+    #[serde(default)]
+    pub allow_remote: bool,
     pub host: String,
     pub port: Option<u16>,
     pub connect_to: Option<String>,
@@ -268,6 +271,12 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
             t.listen
         )
     })?;
+    if !listen.ip().is_loopback() && !t.allow_remote {
+        return Err(format!(
+            "`listen` = \"{}\" is not a loopback address: anyone who reaches it gets a database session as `db_user` without a password; listen on 127.0.0.1, or set allow_remote = true if only trusted hosts can reach it",
+            t.listen
+        ));
+    }
     if t.host.trim().is_empty() || t.host.contains(':') || t.host.contains('/') {
         return Err(format!(
             "`host` = \"{}\" must be the bare RDS endpoint name (no port, no scheme), e.g. \"orders.abc123.us-east-1.rds.amazonaws.com\"",
@@ -315,6 +324,15 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         );
     }
     check_ca_file(&t.ca_file)?;
+    let connect_timeout = match t.connect_timeout {
+        Some(0) => {
+            return Err(
+                "`connect_timeout` = 0 would fail every connection; give seconds, e.g. 10".into(),
+            )
+        }
+        Some(s) => Duration::from_secs(s),
+        None => DEFAULT_CONNECT_TIMEOUT,
+    };
 
     let base = match (&t.profile, &t.access_key_id, &t.secret_access_key) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
@@ -348,6 +366,7 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
             &h.external_id,
             &h.session_name,
             h.session_duration,
+            i > 0,
         )?);
     }
     match &t.role_arn {
@@ -357,6 +376,7 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
             &t.external_id,
             &t.session_name,
             t.session_duration,
+            !t.role_chain.is_empty(),
         )?),
         None => {
             if !t.role_chain.is_empty() {
@@ -388,10 +408,7 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         database: t.database,
         ca_file: t.ca_file,
         tls_mode: t.tls_mode,
-        connect_timeout: t
-            .connect_timeout
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        connect_timeout,
         credentials: CredentialSpec {
             base,
             hops,
@@ -406,6 +423,7 @@ fn validate_hop(
     external_id: &Option<String>,
     session_name: &Option<String>,
     duration: Option<u64>,
+    chained: bool,
 ) -> Result<RoleHop, String> {
     let key = |k: &str| {
         if prefix.is_empty() {
@@ -426,10 +444,10 @@ fn validate_hop(
     let name_ok = (2..=64).contains(&session_name.len())
         && session_name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "=,.@-_".contains(c));
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@-_".contains(c));
     if !name_ok {
         return Err(format!(
-            "{} = \"{session_name}\" is not a valid STS session name (2-64 characters of A-Z a-z 0-9 =,.@-_)",
+            "{} = \"{session_name}\" is not a valid STS session name (2-64 characters of A-Z a-z 0-9 +=,.@-_)",
             key("session_name")
         ));
     }
@@ -442,6 +460,12 @@ fn validate_hop(
         }
     }
     if let Some(d) = duration {
+        if chained && d > 3600 {
+            return Err(format!(
+                "{} = {d}: a role assumed with another role's session (role chaining) gets at most 3600 seconds",
+                key("session_duration")
+            ));
+        }
         if !(900..=43200).contains(&d) {
             return Err(format!(
                 "{} = {d} is out of range; STS accepts 900 to 43200 seconds (3600 at most for a chained role)",
@@ -463,10 +487,11 @@ fn is_role_arn(arn: &str) -> bool {
     if parts.len() != 6 {
         return false;
     }
-    let partition_ok = matches!(
-        parts[1],
-        "aws" | "aws-cn" | "aws-us-gov" | "aws-iso" | "aws-iso-b"
-    );
+    // aws, aws-cn, aws-us-gov, aws-iso, aws-iso-b, aws-iso-e... new ones keep the shape.
+    let partition_ok = parts[1] == "aws"
+        || parts[1].strip_prefix("aws-").is_some_and(|p| {
+            !p.is_empty() && p.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+        });
     let account_ok = parts[4].len() == 12 && parts[4].bytes().all(|b| b.is_ascii_digit());
     let resource_ok = parts[5]
         .strip_prefix("role/")
@@ -612,6 +637,11 @@ YuwX2DQtMj3zOgIhAJ40x+x7TMCt9fQCsrBxm/F3oChyBrbI8P4gzkDOlr4T
             ("external_id = \"abc\"", "need `role_arn`"),
             ("connect_to = \"10.0.0.1\"", "`connect_to`"),
             ("engine2 = 1", "unknown field `engine2`"),
+            ("connect_timeout = 0", "`connect_timeout` = 0"),
+            (
+                "role_arn = \"arn:aws:iam::222222222222:role/b\"\nsession_duration = 7200\n[[target.role_chain]]\nrole_arn = \"arn:aws:iam::111111111111:role/a\"",
+                "role chaining",
+            ),
         ];
         for (extra, want) in cases {
             let msg = refused(extra, false);
@@ -627,6 +657,37 @@ YuwX2DQtMj3zOgIhAJ40x+x7TMCt9fQCsrBxm/F3oChyBrbI8P4gzkDOlr4T
             m.contains("`ca_file`") && m.contains("cannot be read"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn remote_listen_needs_an_explicit_opt_in() {
+        let open = base("").replace("127.0.0.1:6432", "0.0.0.0:6432");
+        let m = Config::parse(&open, "t").unwrap_err().0;
+        assert!(
+            m.contains("not a loopback address") && m.contains("allow_remote"),
+            "{m}"
+        );
+        let ok = format!("{open}allow_remote = true\n");
+        assert!(Config::parse(&ok, "t").is_ok());
+        let v6 = base("").replace("127.0.0.1:6432", "[::1]:6432");
+        assert!(Config::parse(&v6, "t").is_ok());
+    }
+
+    #[test]
+    fn role_arns_of_every_partition_and_path_are_accepted() {
+        for arn in [
+            "arn:aws:iam::222222222222:role/path/to/db-role",
+            "arn:aws-cn:iam::222222222222:role/r",
+            "arn:aws-us-gov:iam::222222222222:role/r",
+            "arn:aws-iso-e:iam::222222222222:role/r",
+        ] {
+            let c = base(&format!(
+                "role_arn = \"{arn}\"\nsession_name = \"a+b=c,d.e@f-g_h\""
+            ));
+            if let Err(e) = Config::parse(&c, "t") {
+                panic!("{arn}: {e}");
+            }
+        }
     }
 
     #[test]

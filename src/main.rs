@@ -106,31 +106,31 @@ const SECRET_TRACING_CRATES: &[&str] = &[
 ];
 
 fn init_logging(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
-    let mut filter = EnvFilter::try_from_default_env()
+    use tracing_subscriber::filter::{filter_fn, EnvFilter};
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // At trace level the AWS SDK prints canonical requests (with the session token) and
-    // response bodies (with secret keys): never below debug for those crates, whatever the
-    // user asks.
-    let wants_trace = filter
-        .max_level_hint()
-        .is_none_or(|l| l >= tracing_subscriber::filter::LevelFilter::TRACE);
-    if wants_trace {
-        for krate in SECRET_TRACING_CRATES {
-            if let Ok(d) = format!("{krate}=debug").parse() {
-                filter = filter.add_directive(d);
-            }
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // response bodies (with secret keys). A per-layer filter drops those events whatever
+    // RUST_LOG says; a directive could be out-ranked by a more specific one.
+    let no_sdk_trace = filter_fn(|meta| {
+        *meta.level() != tracing::Level::TRACE
+            || !SECRET_TRACING_CRATES
+                .iter()
+                .any(|c| meta.target() == *c || meta.target().starts_with(&format!("{c}::")))
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let fmt = match cli.log_format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt.with_filter(no_sdk_trace))
+        .init();
 }
 
 async fn run(config: Config) -> ExitCode {
@@ -149,6 +149,15 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     proxy.warm_up();
+    tokio::spawn(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Without a handler SIGHUP would kill the process and every session with it.
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            while hup.recv().await.is_some() {
+                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart the service to apply a new config");
+            }
+        }
+    });
     tokio::select! {
         _ = proxy.serve(listeners) => {}
         _ = shutdown_signal() => tracing::info!("stopping"),

@@ -71,7 +71,7 @@ impl Proxy {
                 }
             };
             let key = TokenKey {
-                identity: chain.identity().to_string(),
+                credentials: t.credentials.clone(),
                 region: t.region.clone(),
                 host: t.host.clone(),
                 port: t.port,

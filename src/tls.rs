@@ -72,7 +72,7 @@ pub fn describe_error(e: &std::io::Error, host: &str) -> String {
     };
     match tls {
         rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::UnknownIssuer => "the server certificate is not signed by a CA in ca_file (unknown issuer); use the RDS CA bundle for this region as ca_file".to_string(),
+            CertificateError::UnknownIssuer => "the server certificate is not signed by a CA in ca_file (unknown issuer); use the RDS CA bundle for this region as ca_file (RDS Proxy endpoints use the Amazon Root CAs instead)".to_string(),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => format!(
                 "the server certificate is not valid for the name {host}; set host to the endpoint name the certificate carries, or tls_mode = \"verify-ca\""
             ),

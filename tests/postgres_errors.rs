@@ -104,7 +104,18 @@ async fn each_failure_is_explained_and_the_proxy_keeps_serving() {
     ];
     let config: String = all.iter().map(|t| t.toml()).collect();
     let ports: Vec<u16> = all.iter().map(|t| t.port).collect();
-    let mut proxy = ProxyProcess::start(&lab, &config, &ports, &["--log-level", "trace"]);
+    // Trace everywhere, and the AWS SDK's most talkative spots named explicitly: a user
+    // asking for them must still not get secrets.
+    let mut proxy = ProxyProcess::start_env(
+        &lab,
+        &config,
+        &ports,
+        &[],
+        &[(
+            "RUST_LOG",
+            "trace,aws_smithy_runtime::client::orchestrator=trace,aws_sigv4::http_request::sign=trace",
+        )],
+    );
 
     let works = || async {
         let c = pg(good.port, "bytebase", "postgres")

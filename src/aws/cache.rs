@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -53,9 +54,11 @@ impl CredentialSource for CredentialChain {
     }
 }
 
+/// What a token is for. Keyed by the whole credential spec (base source, every hop with its
+/// external id, STS region), so two targets share a token only if they would sign alike.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct TokenKey {
-    pub identity: String,
+    pub credentials: crate::config::CredentialSpec,
     pub region: String,
     pub host: String,
     pub port: u16,
@@ -141,6 +144,7 @@ impl TokenCache {
                     clock: self.clock.clone(),
                     current: RwLock::new(None),
                     minting: tokio::sync::Mutex::new(()),
+                    attempts: std::sync::atomic::AtomicU64::new(0),
                     last_error: Mutex::new(None),
                 });
                 tokio::spawn(refresher(Arc::downgrade(&e)));
@@ -157,6 +161,9 @@ pub struct TokenEntry {
     clock: Clock,
     current: RwLock<Option<Arc<Token>>>,
     minting: tokio::sync::Mutex<()>,
+    /// Mint attempts so far: a waiter that queued behind a failed attempt gets its error
+    /// instead of asking STS once more (no retry storm when STS is down).
+    attempts: std::sync::atomic::AtomicU64,
     last_error: Mutex<Option<TokenError>>,
 }
 
@@ -181,9 +188,15 @@ impl TokenEntry {
         if let Some(t) = self.cached() {
             return Ok(t);
         }
+        let seen = self.attempts.load(Ordering::SeqCst);
         let _single_flight = self.minting.lock().await;
         if let Some(t) = self.cached() {
             return Ok(t);
+        }
+        if self.attempts.load(Ordering::SeqCst) != seen {
+            if let Some(e) = self.last_error() {
+                return Err(e);
+            }
         }
         self.mint().await
     }
@@ -208,12 +221,13 @@ impl TokenEntry {
     /// Mint a new token and store it. Callers hold `minting`.
     async fn mint(&self) -> Result<Arc<Token>, TokenError> {
         let result = self.mint_inner().await;
+        self.attempts.fetch_add(1, Ordering::SeqCst);
         match &result {
             Ok(t) => {
                 *self.current.write().unwrap() = Some(t.clone());
                 *self.last_error.lock().unwrap() = None;
                 tracing::info!(
-                    identity = %self.key.identity,
+                    identity = %self.source.identity(),
                     endpoint = %format!("{}:{}", self.key.host, self.key.port),
                     user = %self.key.user,
                     region = %self.key.region,
@@ -223,7 +237,7 @@ impl TokenEntry {
             }
             Err(e) => {
                 *self.last_error.lock().unwrap() = Some(e.clone());
-                tracing::warn!(identity = %self.key.identity, error = %e, "token refresh failed");
+                tracing::warn!(identity = %self.source.identity(), error = %e, "token refresh failed");
             }
         }
         result
@@ -268,7 +282,18 @@ async fn refresher(entry: std::sync::Weak<TokenEntry>) {
     loop {
         let wait = {
             let Some(e) = entry.upgrade() else { return };
-            match e.refresh_if_due().await {
+            let before = e.current.read().unwrap().as_ref().map(|t| t.expires_at);
+            let outcome = e.refresh_if_due().await;
+            // A refresh that did not push the expiry out (credentials that could not be
+            // renewed and are running out) is a failure too: back off, do not spin.
+            let stalled =
+                matches!(&outcome, Some(Ok(t)) if before.is_some_and(|b| t.expires_at <= b));
+            match outcome {
+                _ if stalled => {
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    wait
+                }
                 Some(Err(_)) => {
                     let wait = backoff;
                     backoff = (backoff * 2).min(RETRY_MAX);
@@ -357,7 +382,11 @@ mod tests {
         });
         let cache = TokenCache::with_clock(clock.clock());
         let key = TokenKey {
-            identity: "test".into(),
+            credentials: crate::config::CredentialSpec {
+                base: crate::config::BaseCredentials::DefaultChain,
+                hops: vec![],
+                sts_region: "us-east-1".into(),
+            },
             region: "us-east-1".into(),
             host: "db.x.us-east-1.rds.amazonaws.com".into(),
             port: 5432,
@@ -437,6 +466,29 @@ mod tests {
         source.failing.store(false, Ordering::SeqCst);
         assert!(entry.token().await.is_ok());
         assert!(entry.last_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn waiters_behind_a_failed_mint_share_its_error() {
+        let (_, source, entry) = setup(None);
+        source.failing.store(true, Ordering::SeqCst);
+        let gets: Vec<_> = (0..20)
+            .map(|_| {
+                let e = entry.clone();
+                tokio::spawn(async move { e.token().await.is_err() })
+            })
+            .collect();
+        for g in gets {
+            assert!(g.await.unwrap());
+        }
+        assert_eq!(
+            source.calls.load(Ordering::SeqCst),
+            1,
+            "one STS attempt for the burst"
+        );
+        // A later caller tries again.
+        source.failing.store(false, Ordering::SeqCst);
+        assert!(entry.token().await.is_ok());
     }
 
     #[tokio::test]

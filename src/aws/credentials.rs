@@ -22,6 +22,11 @@ use crate::config::{BaseCredentials, CredentialSpec};
 
 /// Refresh credentials this long before they expire (see `refresh_at`).
 const REFRESH_AHEAD: Duration = Duration::from_secs(10 * 60);
+/// Credentials from a source that may rotate them (a rewritten credentials file, a
+/// process) but that carry no expiry are fetched again after this, as the SDK's cache does.
+const NO_EXPIRY_LIFETIME: Duration = Duration::from_secs(15 * 60);
+/// Bound on one fetch, whatever the source (a credential_process may hang).
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why credentials could not be had, worded for the user (it quotes STS when STS refused).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,7 +85,8 @@ impl CredentialChain {
             Some(p) => p,
             None => SharedCredentialsProvider::new(NoCredentials),
         };
-        let mut top = Arc::new(CachedCredentials::new(base_name, base));
+        let static_keys = matches!(spec.base, BaseCredentials::Static { .. });
+        let mut top = Arc::new(CachedCredentials::new(base_name, base, static_keys));
         for hop in &spec.hops {
             let mut b = AssumeRoleProvider::builder(hop.role_arn.clone())
                 .session_name(hop.session_name.clone())
@@ -96,6 +102,7 @@ impl CredentialChain {
             top = Arc::new(CachedCredentials::new(
                 format!("role {}", hop.role_arn),
                 SharedCredentialsProvider::new(provider),
+                false,
             ));
         }
         CredentialChain {
@@ -138,6 +145,8 @@ impl ProvideCredentials for NoCredentials {
 struct CachedCredentials {
     name: String,
     inner: SharedCredentialsProvider,
+    /// Keys from the config file: they never change, so they never need fetching again.
+    static_keys: bool,
     /// The credentials and when they were fetched.
     current: RwLock<Option<(Credentials, SystemTime)>>,
     /// Held while fetching, so concurrent callers share one fetch.
@@ -145,10 +154,11 @@ struct CachedCredentials {
 }
 
 impl CachedCredentials {
-    fn new(name: String, inner: SharedCredentialsProvider) -> Self {
+    fn new(name: String, inner: SharedCredentialsProvider, static_keys: bool) -> Self {
         CachedCredentials {
             name,
             inner,
+            static_keys,
             current: RwLock::new(None),
             fetching: tokio::sync::Mutex::new(()),
         }
@@ -157,7 +167,10 @@ impl CachedCredentials {
     fn fresh(&self, now: SystemTime) -> Option<Credentials> {
         let cur = self.current.read().unwrap();
         cur.as_ref()
-            .filter(|(c, fetched)| c.expiry().is_none_or(|e| now < refresh_at(*fetched, e)))
+            .filter(|(c, fetched)| match c.expiry() {
+                Some(e) => now < refresh_at(*fetched, e),
+                None => self.static_keys || now < *fetched + NO_EXPIRY_LIFETIME,
+            })
             .map(|(c, _)| c.clone())
     }
 
@@ -170,7 +183,10 @@ impl CachedCredentials {
             return Ok(c);
         }
         let started = std::time::Instant::now();
-        match self.inner.provide_credentials().await {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.inner.provide_credentials())
+            .await
+            .unwrap_or_else(|_| Err(CredentialsError::provider_timed_out(FETCH_TIMEOUT)));
+        match fetched {
             Ok(c) => {
                 tracing::info!(
                     source = %self.name,
