@@ -10,6 +10,13 @@ have psql || need+=(postgresql-client)
 have runuser || need+=(util-linux)
 [ -f /usr/include/security/pam_modules.h ] || need+=(libpam0g-dev)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+[ -x /usr/sbin/mariadbd ] && [ -f /usr/lib/mysql/plugin/auth_pam_v1.so ] || need+=(mariadb-server)
+have mariadb || need+=(mariadb-client)
+# Real MySQL clients the tests drive: PyMySQL and MariaDB Connector/J (with a JDK to build
+# the small JDBC program).
+/usr/bin/python3 -c 'import pymysql' 2>/dev/null || need+=(python3-pymysql)
+[ -f /usr/share/java/mariadb-java-client.jar ] || need+=(libmariadb-java)
+have javac || need+=(default-jdk-headless)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -2,16 +2,17 @@
 """Local RDS IAM lab: a strict stand-in for RDS IAM auth and STS on loopback.
 
   python3 deploy/lab/lab.py start  --dir /tmp/rdsiam-lab [--region us-east-1] [--pg-port N]
-                                   [--sts-min-duration 900] [--no-smoke]
+                                   [--mysql-port N] [--no-mysql] [--sts-min-duration 900] [--no-smoke]
   python3 deploy/lab/lab.py status --dir /tmp/rdsiam-lab
   python3 deploy/lab/lab.py stop   --dir /tmp/rdsiam-lab [--purge]
-  python3 deploy/lab/lab.py token  --dir /tmp/rdsiam-lab [--user bytebase] [--endpoint HOST:PORT] [--region R]
+  python3 deploy/lab/lab.py token  --dir /tmp/rdsiam-lab [--engine postgres|mysql] [--user bytebase]
+                                   [--endpoint HOST:PORT] [--region R]
   python3 deploy/lab/lab.py web-token --dir /tmp/rdsiam-lab [--expires-in S] [--aud A] [--sub S] [--iss I]
 
 start builds everything in DIR (certificates, PAM module, STS emulator, a
-PostgreSQL 15 whose IAM user authenticates through PAM -> verifier.py), waits
-until it all answers, writes DIR/lab.json and prints it.  stop ends every
-process start made and removes the lab's /etc/pam.d file; it is idempotent and
+PostgreSQL 15 and a MariaDB 10.11 whose IAM users authenticate through PAM ->
+verifier.py), waits until it all answers, writes DIR/lab.json and prints it.
+stop ends every process start made and removes the lab's /etc/pam.d files; it is idempotent and
 safe after a half-failed start.  token prints an IAM token signed with the lab's
 static base key (a lab-side helper for smoke tests; it is NOT the reference
 signer, botocore is).  Run as root; standard library only.
@@ -56,6 +57,22 @@ OIDC_AUD = "sts.amazonaws.com"
 OIDC_SUB = "system:serviceaccount:bytebase:rds-iam-proxy"
 WEB_TOKEN_SECONDS = 86400
 IAM_USER = "bytebase"
+# MariaDB (Debian's mariadb-server). The lab's mariadbd runs as root (user=root) with its own datadir, port and
+# socket in DIR; the system server on 3306 is never touched.
+MYSQLD = "/usr/sbin/mariadbd"
+MARIADB = "/usr/bin/mariadb"
+MY_SHARE = "/usr/share/mysql"
+MY_PLUGIN_DIR = "/usr/lib/mysql/plugin"
+# auth_pam_v1 is the "pam" plugin that runs PAM inside mariadbd (here as root). auth_pam (v2) would run PAM in the
+# setuid helper auth_pam_tool_dir/auth_pam_tool: that helper is missing from some images (dpkg --verify
+# mariadb-server), and its 0700 directory is system-wide state the lab must not depend on or change. Both register
+# the same plugin "pam" with the same pam_use_cleartext_plugin switch, so the wire is the same.
+MY_PAM_PLUGIN = "auth_pam_v1"
+PAM_TOOL_DIR = MY_PLUGIN_DIR + "/auth_pam_tool_dir"
+# what mariadb-install-db feeds to `mariadbd --bootstrap` (minus the help tables and the anonymous test db).
+# mariadb-install-db itself is not used: with a user= it chowns the system-wide auth_pam_tool_dir.
+MY_BOOTSTRAP_SQL = ("mysql_system_tables.sql", "mysql_performance_tables.sql", "mysql_system_tables_data.sql",
+                    "maria_add_gis_sp_bootstrap.sql", "mysql_sys_schema.sql")
 T0 = time.monotonic()
 
 
@@ -263,6 +280,107 @@ CREATE DATABASE appdb OWNER %(iam)s;
        "pass": q(users["lab_pass"]), "names": names}
 
 
+def my_cnf(d, port=None):
+    """The lab mariadbd's only config file (--defaults-file: /etc/mysql is not read). Without a port: the
+    `--bootstrap` config (no network, no TLS, no PAM; it runs before the certificates exist)."""
+    m = lambda *n: os.path.join(d, "mysql", *n)  # noqa: E731
+    text = """# rds-iam-proxy lab: written by lab.py start
+[mysqld]
+user = root
+basedir = /usr
+plugin_dir = %s
+datadir = %s
+socket = %s
+pid_file = %s
+log_error = %s
+tmpdir = %s
+character_set_server = utf8mb4
+collation_server = utf8mb4_general_ci
+skip_name_resolve
+innodb_buffer_pool_size = 64M
+innodb_log_file_size = 32M
+innodb_flush_log_at_trx_commit = 0
+innodb_doublewrite = 0
+""" % (MY_PLUGIN_DIR, m("data"), m("mysqld.sock"), m("mysqld.pid"), m("mysqld.log"), m("tmp"))
+    if port is None:
+        return text
+    return text + """bind_address = 127.0.0.1
+port = %d
+plugin_load_add = %s
+pam_use_cleartext_plugin = ON
+ssl_cert = %s
+ssl_key = %s
+ssl_ca = %s
+tls_version = TLSv1.2,TLSv1.3
+max_connections = 300
+max_connect_errors = 1000000000
+local_infile = ON
+max_allowed_packet = 64M
+""" % (port, MY_PAM_PLUGIN, os.path.join(d, "server.crt"), os.path.join(d, "server.key"), os.path.join(d, "ca.pem"))
+
+
+def my_setup_sql(service, users):
+    q = lambda s: "'" + s.replace("\\", "\\\\").replace("'", "''") + "'"  # noqa: E731
+    everyone = ", ".join("'%s'@'%%'" % u for u in [IAM_USER] + sorted(users))
+    return """
+CREATE DATABASE appdb;
+CREATE DATABASE test;
+CREATE USER '%(iam)s'@'%%' IDENTIFIED VIA pam USING %(svc)s REQUIRE SSL;
+CREATE USER 'lab_native'@'%%' IDENTIFIED VIA mysql_native_password USING PASSWORD(%(native)s) REQUIRE SSL;
+CREATE USER 'lab_pass'@'%%' IDENTIFIED VIA mysql_native_password USING PASSWORD(%(pass)s);
+GRANT ALL PRIVILEGES ON appdb.* TO %(all)s;
+GRANT ALL PRIVILEGES ON test.* TO %(all)s;
+GRANT ALL PRIVILEGES ON `test\\_%%`.* TO %(all)s;
+""" % {"iam": IAM_USER, "svc": q(service), "native": q(users["lab_native"]), "pass": q(users["lab_pass"]),
+       "all": everyone}
+
+
+def my_greeting(addr, timeout=1.0):
+    """The first packet mariadbd sends on 127.0.0.1:addr (a port) or on the unix socket addr (a path): its
+    handshake (protocol 10, first byte 0x0a) or an error packet (0xff: e.g. 1130 "Host '127.0.0.1' is not
+    allowed to connect" while no user matches '%', 1040 too many connections). Either way it is up and
+    answering. None if it closed without a packet."""
+    if isinstance(addr, str):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(addr)
+        except OSError:
+            s.close()
+            raise
+    else:
+        s = socket.create_connection(("127.0.0.1", addr), timeout=timeout)
+    with s:
+        buf = b""
+        while len(buf) < 4 or len(buf) < 4 + int.from_bytes(buf[:3], "little"):
+            chunk = s.recv(4096)
+            if not chunk:
+                return None
+            buf += chunk
+        return buf[4:4 + int.from_bytes(buf[:3], "little")]
+
+
+def pam_tool_dir_stat():
+    """(uid, gid, mode) of the system-wide auth_pam_tool_dir, or None if it does not exist."""
+    try:
+        st = os.lstat(PAM_TOOL_DIR)
+    except OSError:
+        return None
+    return [st.st_uid, st.st_gid, st.st_mode & 0o7777]
+
+
+def check_pam_tool_dir(recorded):
+    """The lab never changes auth_pam_tool_dir (the system MariaDB's PAM depends on its owner); restore it if
+    something did."""
+    now = pam_tool_dir_stat()
+    if recorded is None or now is None or now == recorded:
+        return
+    say("WARNING: %s changed from uid=%d gid=%d mode=%o to uid=%d gid=%d mode=%o: restoring"
+        % (PAM_TOOL_DIR, recorded[0], recorded[1], recorded[2], now[0], now[1], now[2]))
+    os.chown(PAM_TOOL_DIR, recorded[0], recorded[1])
+    os.chmod(PAM_TOOL_DIR, recorded[2])
+
+
 def sign_token(akid, secret, hostport, user, region, session_token=None, now=None):
     """Minimal stdlib RDS token signer for `lab.py token` and the start smoke test."""
     enc = lambda s: "".join(c if c.isascii() and (c.isalnum() or c in "-_.~") else  # noqa: E731
@@ -312,6 +430,55 @@ def http_ok(port):
         c.close()
 
 
+def start_mysqld(d, port, state):
+    """Write DIR/mysql/my.cnf for `port` and launch mariadbd in the foreground of its own session."""
+    m = lambda *n: os.path.join(d, "mysql", *n)  # noqa: E731
+    write(m("my.cnf"), my_cnf(d, port), 0o644)
+    with open(m("mysqld.out"), "ab") as out:
+        proc = subprocess.Popen([MYSQLD, "--defaults-file=" + m("my.cnf")], cwd=m("data"), stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=out, start_new_session=True)
+    state.save(mysql_pid=proc.pid)
+    return proc
+
+
+def wait_mysqld(d, proc, port, may_retry, state):
+    """Wait for the server's greeting on its unix socket (in DIR, so surely ours: a greeting on 127.0.0.1:port
+    could come from another server that holds the port), then on 127.0.0.1:port. mariadbd binds TCP before the
+    socket and aborts if it cannot. On a lost port race, start again on another port."""
+    log = os.path.join(d, "mysql", "mysqld.log")
+    sock = os.path.join(d, "mysql", "mysqld.sock")
+    for attempt in range(3):
+        try:
+            wait_for("MariaDB on %s" % sock, lambda: my_greeting(sock) is not None, 60, proc)
+            wait_for("MariaDB on 127.0.0.1:%d" % port, lambda: my_greeting(port) is not None, 10, proc)
+            return proc, port
+        except LabError as e:
+            try:
+                tail = open(log, errors="replace").read()[-2500:]
+            except OSError:
+                tail = ""
+            if proc.poll() is not None and "Bind on TCP/IP port" in tail.rsplit("Starting MariaDB", 1)[-1] \
+                    and may_retry and attempt < 2:
+                port = free_port()
+                say("port race, retrying MariaDB on %d" % port)
+                proc = start_mysqld(d, port, state)
+                continue
+            raise LabError("%s\n%s" % (e, tail))
+    raise LabError("MariaDB did not start")
+
+
+def mysqld_pids(d):
+    """Every mariadbd (server or --bootstrap) running with a config from DIR/mysql/."""
+    tag = " --defaults-file=%s/mysql/" % d
+    out = []
+    for x in os.listdir("/proc"):
+        if x.isdigit():
+            c = cmdline(int(x))
+            if c.startswith(MYSQLD + " ") and tag in c and pid_alive(int(x)):
+                out.append(int(x))
+    return out
+
+
 def prepare_dir(d):
     if os.path.isdir(d):
         st = load_json(os.path.join(d, "state.json"))
@@ -336,6 +503,12 @@ def start(a):
         raise LabError("--dir must be an absolute path without whitespace")
     if os.geteuid() != 0:
         raise LabError("run as root (needs runuser and /etc/pam.d)")
+    if not a.no_mysql:
+        if not os.access(MYSQLD, os.X_OK) or not os.path.exists(os.path.join(MY_PLUGIN_DIR, MY_PAM_PLUGIN + ".so")):
+            raise LabError("MariaDB is missing (%s, %s/%s.so): apt-get install mariadb-server, or start with --no-mysql"
+                           % (MYSQLD, MY_PLUGIN_DIR, MY_PAM_PLUGIN))
+        if len(os.path.join(d, "mysql", "mysqld.sock")) > 100:
+            raise LabError("--dir is too long for a unix socket path (DIR/mysql/mysqld.sock must be <= 100 bytes)")
     prepare_dir(d)
     state = State(d)
     state.save(status="starting", started=time.time())
@@ -365,6 +538,25 @@ def _start(a, d, p, state):
                                      "-E", "UTF8", "--locale=C", "-N", "--no-instructions"]),
                               cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
+    # 1b. MariaDB system tables, in parallel (mariadbd --bootstrap as root; see MY_BOOTSTRAP_SQL)
+    boot = None
+    if not a.no_mysql:
+        state.save(mysql=True, pam_tool_dir=pam_tool_dir_stat())
+        for x in ("data", "tmp"):
+            os.makedirs(p("mysql", x), mode=0o755)
+        write(p("mysql", "bootstrap.cnf"), my_cnf(d), 0o644)
+        sql = "create database if not exists mysql;\nuse mysql;\nSET @auth_root_socket='root';\n"
+        for f in MY_BOOTSTRAP_SQL:
+            with open(os.path.join(MY_SHARE, f)) as fh:
+                sql += fh.read() + "\n"
+        write(p("mysql", "bootstrap.sql"), sql, 0o600)
+        with open(p("mysql", "bootstrap.sql"), "rb") as sin, open(p("mysql", "bootstrap.out"), "wb") as sout:
+            boot = subprocess.Popen([MYSQLD, "--defaults-file=" + p("mysql", "bootstrap.cnf"), "--bootstrap",
+                                     "--skip-networking", "--log-warnings=0", "--enforce-storage-engine=",
+                                     "--max-allowed-packet=8M", "--net-buffer-length=16K"],
+                                    cwd=d, stdin=sin, stdout=sout, stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        state.save(mysql=False)
 
     # 2. secrets, base key, copies of the lab programs (readable by postgres wherever the repo lives)
     master_hex = secrets.token_hex(32)
@@ -395,6 +587,21 @@ def _start(a, d, p, state):
     os.chown(p("pg", "server.key"), pw.pw_uid, pw.pw_gid)
     os.chmod(p("pg", "server.key"), 0o600)
     say("certificates made")
+
+    # 4b. MariaDB: bootstrap done? then start mariadbd; it comes up while PostgreSQL is set up
+    my_users = {"lab_native": "native-" + secrets.token_hex(6), "lab_pass": "pass-" + secrets.token_hex(6)}
+    my_port = a.mysql_port or free_port()
+    my_service = PAM_PREFIX + uniq + "-mysql"
+    mysqld = None
+    if boot is not None:
+        rc = boot.wait(timeout=120)
+        if rc != 0:
+            raise LabError("mariadbd --bootstrap failed (%d):\n%s\n%s" % (
+                rc, open(p("mysql", "bootstrap.out"), errors="replace").read()[-3000:],
+                open(p("mysql", "mysqld.log"), errors="replace").read()[-2000:]))
+        os.unlink(p("mysql", "bootstrap.sql"))
+        say("MariaDB system tables made")
+        mysqld = start_mysqld(d, my_port, state)
 
     # 5. lab.json (the STS port and the PG port are filled in below)
     users = {"lab_md5": "md5-" + secrets.token_hex(6), "lab_scram": "scram-" + secrets.token_hex(6),
@@ -438,6 +645,15 @@ def _start(a, d, p, state):
                      "iam_user": IAM_USER, "pam_service": pam_service, "database": "postgres",
                      "iam_database": "appdb", "users": users},
     }
+    if mysqld is not None:
+        conf["mysql"] = {
+            "port": my_port, "host": "127.0.0.1", "socket": p("mysql", "mysqld.sock"),
+            "data_dir": p("mysql", "data"), "log": p("mysql", "mysqld.log"), "conf_file": p("mysql", "my.cnf"),
+            "endpoint_name": my_name,
+            "endpoints": ["localhost:%d" % my_port, "127.0.0.1:%d" % my_port, my_name + ":3306"],
+            "iam_user": IAM_USER, "pam_service": my_service, "pam_plugin": MY_PAM_PLUGIN,
+            "database": "appdb", "scratch_database": "test", "users": my_users, "admin_user": "root",
+            "pid": mysqld.pid}
     write(p("lab.json"), json.dumps(conf, indent=1) + "\n")
 
     # 6. STS emulator (own session / process group; stdout+stderr to DIR/sts.out)
@@ -454,6 +670,14 @@ def _start(a, d, p, state):
           "auth    required %s timeout=10 log=%s %s -I -S %s --conf %s --engine postgres\n"
           "account required %s\n" % (d, p("pam_rdsiam.so"), p("pam.log"), PY, p("verifier.py"), p("lab.json"),
                                      p("pam_rdsiam.so")))
+    if mysqld is not None:
+        # MariaDB's pam plugin calls pam_authenticate and then pam_acct_mgmt, like PostgreSQL
+        my_pam_file = os.path.join(PAM_DIR, my_service)
+        state.save(pam_files=state.data["pam_files"] + [my_pam_file])
+        write(my_pam_file, "# rds-iam-proxy lab in %s (MariaDB): written by lab.py start, removed by lab.py stop\n"
+              "auth    required %s timeout=10 log=%s %s -I -S %s --conf %s --engine mysql\n"
+              "account required %s\n" % (d, p("pam_rdsiam.so"), p("pam.log"), PY, p("verifier.py"),
+                                         p("lab.json"), p("pam_rdsiam.so")))
 
     # 8. wait for initdb, configure and start PostgreSQL (retry on a port race)
     out, _ = initdb.communicate(timeout=120)
@@ -483,6 +707,15 @@ def _start(a, d, p, state):
     run([PGBIN + "/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", p("pg", "sock"), "-p", str(pg_port),
          "-U", "postgres", "-d", "postgres", "-f", "-"], input=setup_sql(users), stdin=None)
 
+    # 8b. MariaDB answering? (a port race restarts it on another port) then users and databases
+    if mysqld is not None:
+        mysqld, my_port = wait_mysqld(d, mysqld, my_port, not a.mysql_port, state)
+        conf["mysql"].update(port=my_port, pid=mysqld.pid,
+                             endpoints=["localhost:%d" % my_port, "127.0.0.1:%d" % my_port, my_name + ":3306"])
+        say("MariaDB up on 127.0.0.1:%d" % my_port)
+        run([MARIADB, "--no-defaults", "--socket=" + p("mysql", "mysqld.sock"), "--user=root", "--batch"],
+            input=my_setup_sql(my_service, my_users), stdin=None)
+
     # 9. STS answering?
     wait_for("STS port file", lambda: os.path.exists(p("sts.port")), 10, sts)
     sts_port = int(open(p("sts.port")).read())
@@ -506,6 +739,18 @@ def _start(a, d, p, state):
             raise LabError("smoke IAM login failed: %s (see %s, %s)" % (r.stdout.strip(), p("verifier.jsonl"),
                                                                        p("pam.log")))
         say("smoke IAM login ok")
+        if mysqld is not None:
+            tok = sign_token(base_akid, derive_secret(master, base_akid), "127.0.0.1:%d" % my_port, IAM_USER, region)
+            r = run([MARIADB, "--no-defaults", "--host=127.0.0.1", "--port=%d" % my_port, "--user=" + IAM_USER,
+                     "--ssl", "--ssl-ca=" + p("ca.pem"), "--ssl-verify-server-cert", "--connect-timeout=10",
+                     "--batch", "--skip-column-names", "-e", "select current_user()"],
+                    env=dict(os.environ, MYSQL_PWD=tok), check=False)
+            if r.returncode != 0 or r.stdout.strip() != IAM_USER + "@%":
+                raise LabError("smoke MariaDB IAM login failed: %s (see %s, %s, %s)" % (
+                    r.stdout.strip(), p("verifier.jsonl"), p("pam.log"), p("mysql", "mysqld.log")))
+            say("smoke MariaDB IAM login ok")
+    if mysqld is not None:
+        check_pam_tool_dir(state.data.get("pam_tool_dir"))
     state.save(status="running")
     print(json.dumps(conf, indent=1))
     say("lab ready in %s" % d)
@@ -537,7 +782,7 @@ def stray_verifiers(d):
 
 def any_alive(d, st):
     sts, pm = lab_pids(d, st)
-    return bool(sts or pm)
+    return bool(sts or pm or mysqld_pids(d))
 
 
 def stop_lab(d, quiet=False):
@@ -548,6 +793,13 @@ def stop_lab(d, quiet=False):
         return 0
     sts, pm = lab_pids(d, st)
     data = st.get("pg_data") or os.path.join(d, "pg", "data")
+    # MariaDB: SIGTERM now (a clean, fast shutdown), wait for it after PostgreSQL
+    mys = mysqld_pids(d)
+    for pid in mys:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except OSError:
+            pass
     if pm:
         r = run(as_pg([PGBIN + "/pg_ctl", "-D", data, "-m", "fast", "-w", "-t", "20", "stop"]), cwd="/",
                 check=False, timeout=40)
@@ -569,6 +821,23 @@ def stop_lab(d, quiet=False):
         if pid_alive(sts):
             os.killpg(sts, signal.SIGKILL)
         say("STS stopped")
+    if mys:
+        deadline = time.monotonic() + 30
+        while any(pid_alive(x) for x in mys) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for pid in mys:
+            if pid_alive(pid):
+                say("mariadbd %d did not stop on SIGTERM: SIGKILL" % pid)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + 5
+        while any(pid_alive(x) for x in mys) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        say("MariaDB stopped")
+    if st.get("mysql"):
+        check_pam_tool_dir(st.get("pam_tool_dir"))
     for pid in stray_verifiers(d):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -607,6 +876,8 @@ def status(a):
         print(json.dumps({"dir": d, "state": "absent"}))
         return 3
     sts, pm = lab_pids(d, st)
+    mys = mysqld_pids(d)
+    my_port = (conf.get("mysql") or {}).get("port")
     sts_port = (conf.get("sts") or {}).get("port")
     pg_port = (conf.get("postgres") or {}).get("port")
     healthy = False
@@ -617,16 +888,24 @@ def status(a):
             pass
     ready = bool(pm and pg_port and run([PGBIN + "/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(pg_port),
                                          "-t", "2"], check=False).returncode == 0)
+    my_ready = False
+    if mys and my_port:
+        try:
+            my_ready = (my_greeting(my_port) or b"")[:1] == b"\x0a"
+        except OSError:
+            pass
     pam = [f for f in st.get("pam_files", []) if os.path.exists(f)]
-    up = healthy and ready and bool(pam)
+    up = healthy and ready and bool(pam) and (my_ready or not st.get("mysql"))
     out = {"dir": d, "state": st.get("status"), "up": up,
            "sts": {"pid": sts, "port": sts_port, "healthy": healthy},
            "postgres": {"pid": pm, "port": pg_port, "ready": ready},
            "pam_files": pam}
+    if st.get("mysql") or mys:
+        out["mysql"] = {"pid": mys[0] if len(mys) == 1 else (mys or None), "port": my_port, "ready": my_ready}
     print(json.dumps(out, indent=1))
     if up:
         return 0
-    return 3 if not (sts or pm or pam) else 1
+    return 3 if not (sts or pm or pam or mys) else 1
 
 
 def token(a):
@@ -635,7 +914,9 @@ def token(a):
         raise LabError("no lab.json in %s" % a.dir)
     master = open(conf["master_secret_file"], "rb").read().strip()
     akid = conf["base"]["access_key_id"]
-    endpoint = a.endpoint or "localhost:%d" % conf["postgres"]["port"]
+    if a.engine not in conf:
+        raise LabError("this lab has no %s (started with --no-mysql?)" % a.engine)
+    endpoint = a.endpoint or "localhost:%d" % conf[a.engine]["port"]
     print(sign_token(akid, derive_secret(master, akid), endpoint, a.user, a.region or conf["region"]))
     return 0
 
@@ -658,6 +939,8 @@ def main():
     s.add_argument("--dir", required=True)
     s.add_argument("--region", default="us-east-1")
     s.add_argument("--pg-port", type=int, default=0, help="default: a free port")
+    s.add_argument("--mysql-port", type=int, default=0, help="MariaDB port; default: a free port")
+    s.add_argument("--no-mysql", action="store_true", help="no MariaDB (lab.json then has no \"mysql\" section)")
     s.add_argument("--sts-min-duration", type=int, default=900,
                    help="lowest DurationSeconds STS accepts (AWS: 900; the lab allows down to 60)")
     s.add_argument("--no-smoke", action="store_true", help="skip the IAM login smoke test")
@@ -668,6 +951,8 @@ def main():
             x.add_argument("--purge", action="store_true", help="also delete DIR")
     t = sub.add_parser("token")
     t.add_argument("--dir", required=True)
+    t.add_argument("--engine", choices=["postgres", "mysql"], default="postgres",
+                   help="default endpoint localhost:<port of this engine>")
     t.add_argument("--user", default=IAM_USER)
     t.add_argument("--endpoint")
     t.add_argument("--region")

@@ -16,7 +16,7 @@
  * default signal dispositions, an empty signal mask and its own process group
  * (killed as a group with SIGKILL at the timeout).  The token travels over a
  * socketpair written with MSG_NOSIGNAL, so an early-exiting verifier cannot
- * raise SIGPIPE in the host process (postgres backend, auth_pam_tool).
+ * raise SIGPIPE in the host process (postgres backend, mariadbd).
  *
  * Build: gcc -fPIC -shared -o pam_rdsiam.so pam_rdsiam.c -lpam
  */

@@ -34,6 +34,9 @@ impl Lab {
             other => panic!("lab.json has no {pointer}: {other:?}"),
         }
     }
+    pub fn mysql_port(&self) -> u16 {
+        self.s("/mysql/port").parse().unwrap()
+    }
     pub fn pg_port(&self) -> u16 {
         self.s("/postgres/port").parse().unwrap()
     }
@@ -134,6 +137,12 @@ impl TargetSpec {
             hop_external_id: lab.s("/roles/hop/external_id"),
             hop_arn: lab.s("/roles/hop/arn"),
         }
+    }
+    /// A MySQL target on the lab's MariaDB, same credentials and chain.
+    pub fn mysql(lab: &Lab, name: &str, session: &str) -> Self {
+        Self::new(lab, name, session)
+            .set("engine", "\"mysql\"")
+            .set("port", &lab.s("/mysql/port"))
     }
     /// Set a key to a raw TOML value (`"text"` needs its quotes).
     pub fn set(mut self, key: &str, raw: &str) -> Self {
