@@ -363,6 +363,8 @@ async fn pymysql_and_connector_j() {
     assert_eq!(got["result_sets"], "2");
     assert_eq!(got["rows"], format!("100000,sum={SUM_1_TO_100000}"));
     assert_eq!(got["loaded"], n.to_string());
+    assert_eq!(got["tx"], "2");
+    assert_eq!(got["charset"], "latin1,latin1_swedish_ci");
 
     let classes = std::env::temp_dir().join(format!("rip-java-{}", std::process::id()));
     std::fs::create_dir_all(&classes).unwrap();
@@ -403,4 +405,76 @@ async fn pymysql_and_connector_j() {
     assert_eq!(got["tx"], "2");
     let _ = std::fs::remove_file(file);
     let _ = std::fs::remove_dir_all(classes);
+}
+
+/// MySQL 8 clients answer with caching_sha2_password, others with native or clear password:
+/// the proxy takes any of them (the client's secret is not what logs in) and answers OK with
+/// the sequence id the client expects.
+#[tokio::test]
+async fn any_client_auth_plugin_is_accepted_and_the_ok_has_the_expected_sequence_id() {
+    use mysql_common::constants::CapabilityFlags as C;
+    use mysql_common::io::ParseBuf;
+    use mysql_common::packets::{AuthPlugin, HandshakePacket, HandshakeResponse};
+    use mysql_common::proto::MySerialize;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let lab = Lab::get();
+    let sess = session("my-plugins");
+    let spec = TargetSpec::mysql(&lab, "shop", &sess);
+    let _p = start(&lab, &spec);
+    for plugin in [
+        AuthPlugin::CachingSha2Password,
+        AuthPlugin::MysqlNativePassword,
+        AuthPlugin::MysqlClearPassword,
+    ] {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", spec.port))
+            .await
+            .unwrap();
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; head[0] as usize | (head[1] as usize) << 8];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(head[3], 0);
+        let greeting: HandshakePacket<'_> = ParseBuf(&body).parse(()).unwrap();
+        assert!(
+            greeting.server_version_str().contains("MariaDB"),
+            "the server's own version"
+        );
+        let offered = greeting.capabilities();
+        assert!(
+            !offered.contains(C::CLIENT_SSL) && !offered.contains(C::CLIENT_COMPRESS),
+            "{offered:?}"
+        );
+        let caps = (C::CLIENT_PROTOCOL_41
+            | C::CLIENT_SECURE_CONNECTION
+            | C::CLIENT_PLUGIN_AUTH
+            | C::CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA
+            | C::CLIENT_DEPRECATE_EOF
+            | C::CLIENT_TRANSACTIONS)
+            & offered;
+        let response = HandshakeResponse::new(
+            Some(&[7u8; 32][..]),
+            (8, 0, 36),
+            Some(&b"bytebase"[..]),
+            Some(&b"appdb"[..]),
+            Some(plugin.clone()),
+            caps,
+            None,
+            1 << 24,
+        );
+        let mut payload = Vec::new();
+        response.serialize(&mut payload);
+        let mut pkt = vec![payload.len() as u8, (payload.len() >> 8) as u8, 0, 1];
+        pkt.extend(payload);
+        s.write_all(&pkt).await.unwrap();
+        let mut head = [0u8; 4];
+        s.read_exact(&mut head).await.unwrap();
+        let mut body = vec![0u8; head[0] as usize | (head[1] as usize) << 8];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(
+            (body[0], head[3]),
+            (0x00, 2),
+            "OK with sequence id 2 for {plugin:?}: {body:?}"
+        );
+    }
 }

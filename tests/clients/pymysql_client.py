@@ -26,4 +26,21 @@ with c.cursor() as cur:
     cur.execute("load data local infile %s into table py_load", (infile,))
     cur.execute("select count(*) from py_load")
     print("loaded=%d" % cur.fetchone()[0])
+    cur.execute("create table if not exists py_tx_%d (id int) engine=innodb" % port)
+    c.begin()
+    cur.execute("insert into py_tx_%d values (1)" % port)
+    c.rollback()
+    c.begin()
+    cur.execute("insert into py_tx_%d values (2)" % port)
+    c.commit()
+    cur.execute("select group_concat(id) from py_tx_%d" % port)
+    print("tx=%s" % cur.fetchone()[0])
+    cur.execute("drop table py_tx_%d" % port)
+c.close()
+
+# The client's character set reaches the server.
+c = pymysql.connect(host="127.0.0.1", port=port, user=user, database="appdb", charset="latin1")
+with c.cursor() as cur:
+    cur.execute("select @@character_set_client, @@collation_connection")
+    print("charset=%s,%s" % cur.fetchone())
 c.close()
