@@ -18,10 +18,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 /usr/bin/python3 deploy/lab/lab.py start --dir "$dir" >/dev/null
 lab() { /usr/bin/python3 -c "import json,sys; d=json.load(open('$dir/lab.json')); print(eval('d'+sys.argv[1]))" "$1"; }
-port=6432
-if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
-  port=$(/usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-fi
+free() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=6432; (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && port=$(free)
+myport=3307; (exec 3<>/dev/tcp/127.0.0.1/$myport) 2>/dev/null && myport=$(free)
 cat > "$dir/proxy.toml" <<TOML
 # The reference scenario: base credentials in account A, then role A (with external id),
 # then bytebase-target-db-role in account B, which may rds-db:connect as "bytebase".
@@ -43,18 +42,42 @@ session_name = "rds-iam-proxy-demo"
 [[target.role_chain]]
 role_arn = "$(lab "['roles']['hop']['arn']")"
 external_id = "$(lab "['roles']['hop']['external_id']")"
+
+[[target]]
+name = "shop"
+engine = "mysql"
+listen = "127.0.0.1:$myport"
+host = "$(lab "['mysql']['endpoint_name']")"
+port = 3306
+connect_to = "127.0.0.1:$(lab "['mysql']['port']")"
+db_user = "bytebase"
+database = "appdb"
+ca_file = "$(lab "['ca_file']")"
+access_key_id = "$(lab "['base']['access_key_id']")"
+secret_access_key = "$(lab "['base']['secret_access_key']")"
+role_arn = "$(lab "['roles']['target']['arn']")"
+session_name = "rds-iam-proxy-demo"
+
+[[target.role_chain]]
+role_arn = "$(lab "['roles']['hop']['arn']")"
+external_id = "$(lab "['roles']['hop']['external_id']")"
 TOML
 chmod 600 "$dir/proxy.toml"
 export AWS_ENDPOINT_URL_STS="$(lab "['sts']['endpoint']")" AWS_EC2_METADATA_DISABLED=true
 ./target/debug/rds-iam-proxy --config "$dir/proxy.toml" &
 proxy_pid=$!
-for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+for p in $port $myport; do
+  for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && break; sleep 0.05; done
+done
 line="psql \"host=127.0.0.1 port=$port user=bytebase dbname=postgres sslmode=disable\" -c 'select current_user, inet_server_port()'"
+myline="mariadb -h 127.0.0.1 -P $myport -u bytebase --skip-ssl appdb -e 'select current_user(), @@port'"
 echo
-echo "rds-iam-proxy is serving the lab's IAM-only PostgreSQL on 127.0.0.1:$port. Try:"
+echo "rds-iam-proxy serves the lab's IAM-only PostgreSQL on 127.0.0.1:$port and MariaDB on 127.0.0.1:$myport. Try:"
 echo "  $line"
+echo "  $myline"
 echo
 eval "$line"
+eval "$myline"
 if [ "${DEMO_ONESHOT:-}" = 1 ]; then exit 0; fi
 echo "Ctrl-C stops the proxy and the lab."
 wait "$proxy_pid"
