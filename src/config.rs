@@ -15,8 +15,47 @@ use serde::Deserialize;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+}
+
+/// `[admin]`: the HTTP endpoint for health probes and Prometheus.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: default_admin_listen(),
+            enabled: true,
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[proxy]`: process-wide behaviour.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Seconds open sessions get to finish after SIGTERM/SIGINT (default 30).
+    pub shutdown_grace: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -67,6 +106,8 @@ pub struct TargetConfig {
     pub tls_mode: TlsMode,
     /// Seconds to wait for TCP connect + TLS to the upstream.
     pub connect_timeout: Option<u64>,
+    /// Client connections served at once; one more gets "too many connections".
+    pub max_connections: Option<usize>,
 
     // Base credentials: the default chain unless one of these is given.
     pub profile: Option<String>,
@@ -172,13 +213,19 @@ pub struct Target {
     pub ca_file: PathBuf,
     pub tls_mode: TlsMode,
     pub connect_timeout: Duration,
+    pub max_connections: Option<usize>,
     pub credentials: CredentialSpec,
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
     pub targets: Vec<Target>,
+    /// The admin HTTP endpoint, unless disabled.
+    pub admin_listen: Option<SocketAddr>,
+    pub shutdown_grace: Duration,
 }
+
+const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// A configuration refusal: what is wrong, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -243,7 +290,32 @@ impl Config {
             }
             targets.push(target);
         }
-        Ok(Config { targets })
+        let admin_listen = if file.admin.enabled {
+            let addr: SocketAddr = file.admin.listen.parse().map_err(|_| {
+                err(format!(
+                    "config {origin}: [admin] listen = \"{}\" is not an IP:PORT address; use e.g. \"127.0.0.1:9090\", or enabled = false",
+                    file.admin.listen
+                ))
+            })?;
+            if let Some(t) = targets.iter().find(|t| t.listen == addr) {
+                return Err(err(format!(
+                    "config {origin}: [admin] listen = {addr} is also target \"{}\"'s listen address; give the admin endpoint its own port",
+                    t.name
+                )));
+            }
+            Some(addr)
+        } else {
+            None
+        };
+        Ok(Config {
+            targets,
+            admin_listen,
+            shutdown_grace: file
+                .proxy
+                .shutdown_grace
+                .map(Duration::from_secs)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+        })
     }
 
     pub fn target(&self, name: &str) -> Option<&Target> {
@@ -409,6 +481,10 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         ca_file: t.ca_file,
         tls_mode: t.tls_mode,
         connect_timeout,
+        max_connections: match t.max_connections {
+            Some(0) => return Err("`max_connections` = 0 would refuse every client; give a positive number or remove it".into()),
+            m => m,
+        },
         credentials: CredentialSpec {
             base,
             hops,

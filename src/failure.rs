@@ -1,5 +1,5 @@
 //! Why a proxied session could not be set up, in engine-neutral terms. Each engine renders
-//! these in its own protocol (`postgres::error`, later `mysql::error`) with cause and fix.
+//! these in its own protocol (`postgres::error`, `mysql::error`) with cause and fix.
 
 use std::fmt;
 
@@ -36,14 +36,18 @@ pub enum Failure {
     Forward { raw: bytes::Bytes, reason: String },
     /// The client broke the protocol.
     ClientProtocol(String),
-    /// A step did not finish in time (the text says which).
+    /// An upstream step (dial, TLS, token, login) did not finish in time (the text says which).
     Timeout(String),
+    /// The client did not finish its side of the handshake in time.
+    ClientTimeout(String),
+    /// The target is at its `max_connections`.
+    Limit { max: usize },
     /// The upstream broke the protocol or closed during the handshake.
     UpstreamProtocol(String),
 }
 
 impl Failure {
-    /// The result label used in logs (and metrics later).
+    /// The result label of logs and metrics: auth_failed, upstream_error, client_error, limit.
     pub fn kind(&self) -> &'static str {
         match self {
             Failure::WrongUser { .. }
@@ -53,10 +57,41 @@ impl Failure {
             Failure::Unreachable { .. }
             | Failure::TlsRefused { .. }
             | Failure::Tls { .. }
-            | Failure::UpstreamProtocol(_) => "upstream_error",
-            Failure::ServerRefused(_) | Failure::Forward { .. } => "server_error",
-            Failure::ClientProtocol(_) => "client_error",
-            Failure::Timeout(_) => "timeout",
+            | Failure::UpstreamProtocol(_)
+            | Failure::Timeout(_)
+            | Failure::ServerRefused(_)
+            | Failure::Forward { .. } => "upstream_error",
+            Failure::ClientProtocol(_) | Failure::ClientTimeout(_) => "client_error",
+            Failure::Limit { .. } => "limit",
+        }
+    }
+
+    /// For upstream connect and TLS failures, their kind (the upstream_errors metric).
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        match self {
+            Failure::Unreachable { .. } => Some("connect"),
+            Failure::TlsRefused { .. } => Some("tls_refused"),
+            Failure::Tls { .. } => Some("tls"),
+            Failure::UpstreamProtocol(_) => Some("protocol"),
+            Failure::Timeout(_) => Some("timeout"),
+            _ => None,
+        }
+    }
+
+    /// What to do about it, in a few words (for `check` and hints).
+    pub fn fix(&self) -> &'static str {
+        match self {
+            Failure::WrongUser { .. } => "connect as the target's db_user",
+            Failure::Credentials(_) => "check the base credentials, role_arn, external_id and the role's trust policy",
+            Failure::Unreachable { .. } | Failure::Timeout(_) => "check host, port, connect_to and that security groups allow this machine",
+            Failure::TlsRefused { .. } => "point the target at an RDS endpoint (RDS always offers TLS) or fix connect_to",
+            Failure::Tls { .. } => "set ca_file to the RDS bundle for the region and host to the endpoint name the certificate carries",
+            Failure::NotIamUser { .. } => "make db_user an IAM user (PostgreSQL: GRANT rds_iam; MySQL: IDENTIFIED WITH AWSAuthenticationPlugin AS 'RDS')",
+            Failure::TokenRejected(_) => "allow rds-db:connect on the db user's resource for the role, and check region and host",
+            Failure::ServerRefused(_) | Failure::Forward { .. } => "see the server's message",
+            Failure::ClientProtocol(_) | Failure::ClientTimeout(_) => "check the client's connection settings (plain TCP, the target's protocol)",
+            Failure::UpstreamProtocol(_) => "check that connect_to reaches a database server of the target's engine",
+            Failure::Limit { .. } => "raise max_connections or close idle clients",
         }
     }
 }
@@ -80,6 +115,8 @@ impl fmt::Display for Failure {
             Failure::Forward { reason, .. } => write!(f, "server error: {reason}"),
             Failure::ClientProtocol(m) => write!(f, "client protocol error: {m}"),
             Failure::Timeout(m) => write!(f, "timed out: {m}"),
+            Failure::ClientTimeout(m) => write!(f, "client timed out: {m}"),
+            Failure::Limit { max } => write!(f, "too many connections (max_connections = {max})"),
             Failure::UpstreamProtocol(m) => write!(f, "upstream protocol error: {m}"),
         }
     }

@@ -5,14 +5,19 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rds_iam_proxy::config::Config;
-use rds_iam_proxy::proxy::Proxy;
 
-/// Let any PostgreSQL client reach an AWS RDS / Aurora database with IAM authentication.
+/// Let any PostgreSQL or MySQL client reach an AWS RDS / Aurora database with IAM
+/// authentication.
 ///
-/// Point psql, Bytebase or an application at the `listen` address of a target with a plain
-/// connection and the target's db_user (no password). The proxy obtains AWS credentials,
-/// assumes the configured roles, mints the RDS IAM token, opens a verified TLS session to
-/// RDS and logs in with the token.
+/// Point psql, mysql, Bytebase or an application at the `listen` address of a target with a
+/// plain connection and the target's db_user (no password). The proxy obtains AWS
+/// credentials, assumes the configured roles, mints the RDS IAM token, opens a verified TLS
+/// session to RDS and logs in with the token.
+///
+/// Start with `rds-iam-proxy --config FILE check --connect` to see every target log in; then
+/// run it as a service (deploy/systemd/). Health and Prometheus metrics are served on
+/// [admin] listen (default 127.0.0.1:9090): /metrics /startup /liveness /readiness.
+/// SIGHUP reloads the config; SIGTERM drains open sessions ([proxy] shutdown_grace).
 #[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
@@ -56,8 +61,13 @@ enum Command {
         #[arg(long)]
         target: String,
     },
-    /// Validate the config, obtain credentials through the role chain and mint each token.
-    Check,
+    /// Validate the config, obtain credentials through the role chain and mint each token;
+    /// print one PASS/FAIL row per target (cause and fix) and exit non-zero on any failure.
+    Check {
+        /// Also open TLS to each database and log in with the token.
+        #[arg(long)]
+        connect: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,13 +90,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Run) {
-            Command::Run => run(config).await,
-            Command::Token { target } => token(config, &target).await,
-            Command::Check => check(config).await,
+            Command::Run => rds_iam_proxy::service::run(cli.config, config).await,
+            Command::Token { target } => rds_iam_proxy::check::token(config, &target).await,
+            Command::Check { connect } => rds_iam_proxy::check::check(config, connect).await,
         }
-    })
+    });
+    // Whatever is still running (sessions past the grace period) ends with the process.
+    runtime.shutdown_background();
+    code
 }
 
 const SECRET_TRACING_CRATES: &[&str] = &[
@@ -131,110 +144,4 @@ fn init_logging(cli: &Cli) {
         .with(filter)
         .with(fmt.with_filter(no_sdk_trace))
         .init();
-}
-
-async fn run(config: Config) -> ExitCode {
-    let proxy = match Proxy::build(&config).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("rds-iam-proxy: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let listeners = match proxy.bind().await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("rds-iam-proxy: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    proxy.warm_up();
-    tokio::spawn(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Without a handler SIGHUP would kill the process and every session with it.
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            while hup.recv().await.is_some() {
-                tracing::warn!("SIGHUP: configuration reload is not supported yet; restart the service to apply a new config");
-            }
-        }
-    });
-    tokio::select! {
-        _ = proxy.serve(listeners) => {}
-        _ = shutdown_signal() => tracing::info!("stopping"),
-    }
-    ExitCode::SUCCESS
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-async fn token(config: Config, name: &str) -> ExitCode {
-    if config.target(name).is_none() {
-        let names: Vec<_> = config.targets.iter().map(|t| t.name.as_str()).collect();
-        eprintln!(
-            "rds-iam-proxy: no target named \"{name}\"; the config has: {}",
-            names.join(", ")
-        );
-        return ExitCode::from(2);
-    }
-    let proxy = match Proxy::build(&config).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("rds-iam-proxy: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let t = proxy
-        .targets
-        .iter()
-        .find(|t| t.cfg.name == name)
-        .expect("checked above");
-    match t.tokens.token().await {
-        Ok(tok) => {
-            println!("{}", tok.value());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("rds-iam-proxy: target \"{name}\": {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn check(config: Config) -> ExitCode {
-    let proxy = match Proxy::build(&config).await {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("rds-iam-proxy: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let mut failed = false;
-    for t in &proxy.targets {
-        match t.tokens.token().await {
-            Ok(tok) => println!(
-                "PASS  {}  token for {}@{}:{} valid until {}",
-                t.cfg.name,
-                t.cfg.db_user,
-                t.cfg.host,
-                t.cfg.port,
-                rds_iam_proxy::util::rfc3339(tok.expires_at)
-            ),
-            Err(e) => {
-                failed = true;
-                println!("FAIL  {}  {e}", t.cfg.name);
-            }
-        }
-    }
-    if failed {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    }
 }

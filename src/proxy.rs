@@ -1,72 +1,154 @@
-//! Listeners and per-target state: one accept loop per target, one task per connection.
+//! Listeners and per-target state. One accept loop per listen address; each connection is a
+//! task. The configuration can be applied again (SIGHUP): listeners are kept, added or
+//! stopped by address, targets swapped, while open sessions keep running on what they had.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::aws::{CredentialChain, TokenCache, TokenEntry, TokenKey};
 use crate::config::{Config, CredentialSpec, Engine, Target};
+use crate::failure::Failure;
+use crate::metrics::{metrics, TargetLabels};
 use crate::postgres;
 
 /// A client must finish its side of the handshake within this (PostgreSQL's
 /// authentication_timeout is one minute too).
-pub const CLIENT_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond connect_timeout, what a login (token, TLS, server's auth) may take in all.
-const LOGIN_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+const LOGIN_BUDGET: Duration = Duration::from_secs(30);
 
-/// Run `fut` for at most `limit`; past it, fail with `what` (so nothing hangs forever).
+/// Run an upstream step for at most `limit`; past it, fail with `what` (nothing hangs).
 pub async fn within<T>(
-    limit: std::time::Duration,
+    limit: Duration,
     what: &str,
-    fut: impl std::future::Future<Output = Result<T, crate::failure::Failure>>,
-) -> Result<T, crate::failure::Failure> {
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
     match tokio::time::timeout(limit, fut).await {
         Ok(r) => r,
-        Err(_) => Err(crate::failure::Failure::Timeout(format!(
+        Err(_) => Err(Failure::Timeout(format!(
             "{what} within {} s",
             limit.as_secs()
         ))),
     }
 }
 
-/// Everything a connection to one target needs, built once at start.
+/// The client's side of the handshake, bounded by CLIENT_HANDSHAKE_TIMEOUT.
+pub async fn client_within<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure::ClientTimeout(format!(
+            "{what} within {} s",
+            CLIENT_HANDSHAKE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// Everything a connection to one target needs, built once per configuration.
 pub struct TargetRuntime {
     pub cfg: Target,
     pub tls: Arc<rustls::ClientConfig>,
     pub server_name: ServerName<'static>,
     pub tokens: Arc<TokenEntry>,
+    /// Open connections of this target (the metric's gauge, kept across reloads).
+    pub active: Gauge,
 }
 
 impl TargetRuntime {
     /// The bound on one upstream login, from dial to ready.
-    pub fn login_timeout(&self) -> std::time::Duration {
+    pub fn login_timeout(&self) -> Duration {
         self.cfg.connect_timeout + LOGIN_BUDGET
+    }
+
+    /// `Some(max)` when this connection (already counted) is one too many.
+    pub fn over_limit(&self) -> Option<usize> {
+        let max = self.cfg.max_connections?;
+        (self.active.get() > max as i64).then_some(max)
+    }
+
+    /// Why this target cannot take a new client right now, if it cannot.
+    pub fn not_ready(&self) -> Option<String> {
+        if self.tokens.cached().is_none() {
+            let why = self
+                .tokens
+                .last_error()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "not minted yet".into());
+            return Some(format!("target {}: no valid token: {why}", self.cfg.name));
+        }
+        if let Some(max) = self.cfg.max_connections {
+            if self.active.get() >= max as i64 {
+                return Some(format!(
+                    "target {}: at its connection cap ({max})",
+                    self.cfg.name
+                ));
+            }
+        }
+        None
     }
 }
 
+struct Listening {
+    target: watch::Sender<Arc<TargetRuntime>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The running proxy.
 pub struct Proxy {
-    pub targets: Vec<Arc<TargetRuntime>>,
+    cache: Arc<TokenCache>,
+    chains: Mutex<HashMap<CredentialSpec, CredentialChain>>,
     cancels: Arc<postgres::cancel::CancelRegistry>,
+    targets: RwLock<Vec<Arc<TargetRuntime>>>,
+    listeners: tokio::sync::Mutex<HashMap<SocketAddr, Listening>>,
+    sessions: TaskTracker,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            cache: TokenCache::new(),
+            chains: Mutex::new(HashMap::new()),
+            cancels: postgres::cancel::CancelRegistry::new(),
+            targets: RwLock::new(Vec::new()),
+            listeners: tokio::sync::Mutex::new(HashMap::new()),
+            sessions: TaskTracker::new(),
+        }
+    }
 }
 
 impl Proxy {
-    /// Build TLS configs, credential chains (shared by identical specs) and token entries.
-    pub async fn build(config: &Config) -> Result<Proxy, String> {
-        let cache = TokenCache::new();
-        let mut chains: HashMap<CredentialSpec, CredentialChain> = HashMap::new();
-        let mut targets = Vec::new();
+    pub fn new() -> Arc<Proxy> {
+        Arc::new(Proxy::default())
+    }
+
+    /// Build the runtime of every target: TLS configs, credential chains (shared by
+    /// identical specs, and kept across reloads) and token entries. Nothing is fetched.
+    pub async fn runtimes(&self, config: &Config) -> Result<Vec<Arc<TargetRuntime>>, String> {
+        let mut out = Vec::new();
         for t in &config.targets {
             let tls = crate::tls::client_config(&t.ca_file, t.tls_mode)
                 .map_err(|e| format!("target \"{}\": {e}", t.name))?;
             let server_name = crate::tls::server_name(&t.host)
                 .map_err(|e| format!("target \"{}\": {e}", t.name))?;
-            let chain = match chains.get(&t.credentials) {
-                Some(c) => c.clone(),
+            let known = self.chains.lock().unwrap().get(&t.credentials).cloned();
+            let chain = match known {
+                Some(c) => c,
                 None => {
                     let c = CredentialChain::build(&t.credentials).await;
-                    chains.insert(t.credentials.clone(), c.clone());
+                    self.chains
+                        .lock()
+                        .unwrap()
+                        .insert(t.credentials.clone(), c.clone());
                     c
                 }
             };
@@ -77,109 +159,147 @@ impl Proxy {
                 port: t.port,
                 user: t.db_user.clone(),
             };
-            let tokens = cache.entry(key, Arc::new(chain));
-            targets.push(Arc::new(TargetRuntime {
+            let tokens = self.cache.entry(key, Arc::new(chain));
+            tokens.add_target(&t.name);
+            let active = metrics().active.get_or_create_owned(&TargetLabels {
+                target: t.name.clone(),
+                engine: t.engine.as_str().to_string(),
+            });
+            out.push(Arc::new(TargetRuntime {
                 cfg: t.clone(),
                 tls,
                 server_name,
                 tokens,
+                active,
             }));
-        }
-        Ok(Proxy {
-            targets,
-            cancels: postgres::cancel::CancelRegistry::new(),
-        })
-    }
-
-    /// Bind every listener; fails if any address cannot be bound.
-    pub async fn bind(&self) -> Result<Vec<(Arc<TargetRuntime>, TcpListener)>, String> {
-        let mut out = Vec::new();
-        for t in &self.targets {
-            let l = TcpListener::bind(t.cfg.listen).await.map_err(|e| {
-                format!(
-                    "target \"{}\": cannot listen on {}: {e}; pick a free address for `listen`",
-                    t.cfg.name, t.cfg.listen
-                )
-            })?;
-            out.push((t.clone(), l));
         }
         Ok(out)
     }
 
-    /// Mint every target's first token now, so the first client does not wait for STS.
-    pub fn warm_up(&self) {
-        for t in &self.targets {
-            let t = t.clone();
-            tokio::spawn(async move {
-                if let Err(e) = t.tokens.token().await {
-                    tracing::error!(target = %t.cfg.name, error = %e, "cannot mint the first token; clients will get this error until it recovers");
+    /// Serve `config`: the first time, or again on reload. Listeners at addresses still in
+    /// use are kept (their target swapped), new ones bound first, old ones stopped last; if
+    /// anything fails, nothing changes.
+    pub async fn apply(self: &Arc<Self>, config: &Config) -> Result<(), String> {
+        let runtimes = self.runtimes(config).await?;
+        let mut listeners = self.listeners.lock().await;
+        let mut fresh = Vec::new();
+        for t in &runtimes {
+            if !listeners.contains_key(&t.cfg.listen) {
+                let l = TcpListener::bind(t.cfg.listen).await.map_err(|e| {
+                    format!(
+                        "target \"{}\": cannot listen on {}: {e}; pick a free address for `listen`",
+                        t.cfg.name, t.cfg.listen
+                    )
+                })?;
+                fresh.push((t.clone(), l));
+            }
+        }
+        let wanted: HashMap<SocketAddr, Arc<TargetRuntime>> =
+            runtimes.iter().map(|t| (t.cfg.listen, t.clone())).collect();
+        listeners.retain(|addr, l| match wanted.get(addr) {
+            Some(t) => {
+                l.target.send_replace(t.clone());
+                true
+            }
+            None => {
+                tracing::info!(listen = %addr, "target removed: no longer listening");
+                l.task.abort();
+                false
+            }
+        });
+        for (t, l) in fresh {
+            tracing::info!(target = %t.cfg.name, engine = t.cfg.engine.as_str(), listen = %t.cfg.listen, upstream = %t.cfg.dial, endpoint = %format!("{}:{}", t.cfg.host, t.cfg.port), "listening");
+            let (tx, rx) = watch::channel(t.clone());
+            let task = tokio::spawn(accept_loop(self.clone(), rx, l));
+            listeners.insert(t.cfg.listen, Listening { target: tx, task });
+        }
+        *self.targets.write().unwrap() = runtimes;
+        Ok(())
+    }
+
+    pub fn targets(&self) -> Vec<Arc<TargetRuntime>> {
+        self.targets.read().unwrap().clone()
+    }
+
+    /// Mint every target's first token, retrying until each has one.
+    pub async fn warm_up(&self) {
+        let mut waits = tokio::task::JoinSet::new();
+        for t in self.targets() {
+            waits.spawn(async move {
+                let mut backoff = Duration::from_secs(1);
+                loop {
+                    match t.tokens.token().await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            tracing::error!(target = %t.cfg.name, error = %e, "cannot mint the first token; retrying");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                        }
+                    }
                 }
             });
         }
+        while waits.join_next().await.is_some() {}
     }
 
-    /// Accept connections until the process is told to stop.
-    pub async fn serve(&self, listeners: Vec<(Arc<TargetRuntime>, TcpListener)>) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for (target, listener) in listeners {
-            tracing::info!(target = %target.cfg.name, engine = target.cfg.engine.as_str(), listen = %target.cfg.listen, upstream = %target.cfg.dial, endpoint = %format!("{}:{}", target.cfg.host, target.cfg.port), "listening");
-            let cancels = self.cancels.clone();
-            tasks.spawn(accept_loop(target, listener, cancels));
+    /// One line per target that cannot take a new client now (empty: ready).
+    pub fn not_ready(&self) -> Vec<String> {
+        self.targets()
+            .iter()
+            .filter_map(|t| t.not_ready())
+            .collect()
+    }
+
+    /// Stop accepting everywhere; open sessions go on.
+    pub async fn stop_accepting(&self) {
+        for (_, l) in self.listeners.lock().await.drain() {
+            l.task.abort();
         }
-        while tasks.join_next().await.is_some() {}
+        self.sessions.close();
+    }
+
+    /// Open client sessions.
+    pub fn open_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Wait until every session has ended, or `grace` has passed. True if all ended.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        tokio::time::timeout(grace, self.sessions.wait())
+            .await
+            .is_ok()
     }
 }
 
 async fn accept_loop(
-    target: Arc<TargetRuntime>,
+    proxy: Arc<Proxy>,
+    target: watch::Receiver<Arc<TargetRuntime>>,
     listener: TcpListener,
-    cancels: Arc<postgres::cancel::CancelRegistry>,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 crate::upstream::tune(&stream);
-                let target = target.clone();
-                let cancels = cancels.clone();
+                let target = target.borrow().clone();
                 match target.cfg.engine {
                     Engine::Postgres => {
-                        tokio::spawn(postgres::serve(stream, peer, target, cancels));
+                        let cancels = proxy.cancels.clone();
+                        proxy
+                            .sessions
+                            .spawn(postgres::serve(stream, peer, target, cancels));
                     }
                     Engine::Mysql => {
-                        tokio::spawn(crate::mysql::serve(stream, peer, target));
+                        proxy
+                            .sessions
+                            .spawn(crate::mysql::serve(stream, peer, target));
                     }
                 }
             }
             Err(e) => {
                 // EMFILE and friends: keep serving the others once resources free up.
-                tracing::warn!(target = %target.cfg.name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-    }
-}
-
-/// The one log line of a finished connection, for both engines.
-pub fn log_closed(
-    cfg: &Target,
-    peer: std::net::SocketAddr,
-    user: &str,
-    database: &str,
-    started: std::time::Instant,
-    outcome: &Result<(crate::relay::Relayed, Option<String>), crate::failure::Failure>,
-) {
-    let duration_ms = started.elapsed().as_millis() as u64;
-    match outcome {
-        Ok((relayed, error)) => tracing::info!(
-            target = %cfg.name, engine = cfg.engine.as_str(), client = %peer, user = %user,
-            database = %database, duration_ms, bytes_from_client = relayed.client_to_server,
-            bytes_to_client = relayed.server_to_client, result = "ok", error = error.as_deref(),
-            "connection closed"
-        ),
-        Err(f) => tracing::warn!(
-            target = %cfg.name, engine = cfg.engine.as_str(), client = %peer, user = %user,
-            database = %database, duration_ms, result = f.kind(), error = %f,
-            "connection closed"
-        ),
     }
 }

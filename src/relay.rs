@@ -11,7 +11,10 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::session::Meter;
 
 /// Per-direction buffer size.
 pub const BUF_SIZE: usize = 16 * 1024;
@@ -72,6 +75,8 @@ struct Pipe {
     stopped: bool,
     need_flush: bool,
     bytes: u64,
+    /// Bumped as bytes are written, so a scrape sees long sessions too.
+    counter: Option<Counter>,
 }
 
 enum PipeState {
@@ -87,7 +92,7 @@ enum Failed {
 }
 
 impl Pipe {
-    fn new(initial: &[u8]) -> Pipe {
+    fn new(initial: &[u8], counter: Option<Counter>) -> Pipe {
         let mut buf = vec![0u8; BUF_SIZE.max(initial.len())].into_boxed_slice();
         buf[..initial.len()].copy_from_slice(initial);
         Pipe {
@@ -99,6 +104,7 @@ impl Pipe {
             stopped: false,
             need_flush: false,
             bytes: 0,
+            counter,
         }
     }
 
@@ -144,6 +150,9 @@ impl Pipe {
                 }
                 self.written += n;
                 self.bytes += n as u64;
+                if let Some(c) = &self.counter {
+                    c.inc_by(n as u64);
+                }
                 self.need_flush = true;
             }
             if self.stopped || drain_only {
@@ -206,14 +215,15 @@ pub async fn relay<C, S>(
     server: &mut S,
     client_first: &[u8],
     mut inspector: Option<&mut dyn Inspect>,
+    meter: Option<&Meter>,
 ) -> (Relayed, End)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Pipe::new(client_first);
+    let mut up = Pipe::new(client_first, meter.map(|m| m.client_to_server.clone()));
     up.judge(&mut inspector);
-    let mut down = Pipe::new(&[]);
+    let mut down = Pipe::new(&[], meter.map(|m| m.server_to_client.clone()));
     let mut none: Option<&mut dyn Inspect> = None;
     let mut up_done = false;
     let end = poll_fn(|cx| {
@@ -269,7 +279,9 @@ mod tests {
         let (mut client_app, mut client) = tokio::io::duplex(64);
         let (mut server, mut server_app) = tokio::io::duplex(64);
         let pump =
-            tokio::spawn(async move { relay(&mut client, &mut server, b"first ", None).await });
+            tokio::spawn(
+                async move { relay(&mut client, &mut server, b"first ", None, None).await },
+            );
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let big2 = big.clone();
         let writer = tokio::spawn(async move {
@@ -298,7 +310,7 @@ mod tests {
         let (mut server, mut server_app) = tokio::io::duplex(64);
         client_app.write_all(b"abcXdef").await.unwrap();
         let mut insp = StopAtX;
-        let (n, end) = relay(&mut client, &mut server, b"", Some(&mut insp)).await;
+        let (n, end) = relay(&mut client, &mut server, b"", Some(&mut insp), None).await;
         let End::Handover(rest) = end else {
             panic!("{end:?}")
         };

@@ -73,6 +73,19 @@ PAM_TOOL_DIR = MY_PLUGIN_DIR + "/auth_pam_tool_dir"
 # mariadb-install-db itself is not used: with a user= it chowns the system-wide auth_pam_tool_dir.
 MY_BOOTSTRAP_SQL = ("mysql_system_tables.sql", "mysql_performance_tables.sql", "mysql_system_tables_data.sql",
                     "maria_add_gis_sp_bootstrap.sql", "mysql_sys_schema.sql")
+# performance_schema sizes set to 0 in the lab's my.cnf (max_statement_stack: 1, its minimum); only the thread
+# classes and instances (what session_connect_attrs reads) keep their defaults
+MY_PFS_ZERO = ("accounts_size", "hosts_size", "users_size", "digests_size", "setup_actors_size", "setup_objects_size",
+               "events_stages_history_size", "events_stages_history_long_size", "events_statements_history_size",
+               "events_statements_history_long_size", "events_transactions_history_size",
+               "events_transactions_history_long_size", "events_waits_history_size",
+               "events_waits_history_long_size", "max_cond_classes", "max_cond_instances", "max_file_classes",
+               "max_file_handles", "max_file_instances", "max_memory_classes", "max_mutex_classes",
+               "max_mutex_instances", "max_rwlock_classes", "max_rwlock_instances", "max_socket_classes",
+               "max_socket_instances", "max_stage_classes", "max_statement_classes", "max_statement_stack",
+               "max_digest_length", "max_sql_text_length", "max_index_stat", "max_metadata_locks",
+               "max_prepared_statements_instances", "max_program_instances", "max_table_handles",
+               "max_table_instances", "max_table_lock_stat")
 T0 = time.monotonic()
 
 
@@ -316,7 +329,17 @@ max_connections = 300
 max_connect_errors = 1000000000
 local_infile = ON
 max_allowed_packet = 64M
-""" % (port, MY_PAM_PLUGIN, os.path.join(d, "server.crt"), os.path.join(d, "server.key"), os.path.join(d, "ca.pem"))
+# performance_schema only for session_connect_attrs (the attributes each client sent, e.g. through the proxy):
+# nothing is instrumented or collected, every class, instance, history and digest table is sized to 0. The thread
+# table stays autosized (pages allocated on demand) with 4 KiB of attributes per thread. Default-sized it
+# would take ~96 MB more RSS; this way ~3 MB (~6 MB with 300 connections).
+performance_schema = ON
+performance_schema_session_connect_attrs_size = 4096
+performance_schema_instrument = '%%=OFF'
+performance_schema_consumer_global_instrumentation = OFF
+performance_schema_consumer_statements_digest = OFF
+""" % (port, MY_PAM_PLUGIN, os.path.join(d, "server.crt"), os.path.join(d, "server.key"), os.path.join(d, "ca.pem")) \
+        + "".join("performance_schema_%s = %d\n" % (k, 1 if k == "max_statement_stack" else 0) for k in MY_PFS_ZERO)
 
 
 def my_setup_sql(service, users):
@@ -331,6 +354,7 @@ CREATE USER 'lab_pass'@'%%' IDENTIFIED VIA mysql_native_password USING PASSWORD(
 GRANT ALL PRIVILEGES ON appdb.* TO %(all)s;
 GRANT ALL PRIVILEGES ON test.* TO %(all)s;
 GRANT ALL PRIVILEGES ON `test\\_%%`.* TO %(all)s;
+GRANT SELECT ON performance_schema.session_connect_attrs TO %(all)s;
 """ % {"iam": IAM_USER, "svc": q(service), "native": q(users["lab_native"]), "pass": q(users["lab_pass"]),
        "all": everyone}
 
@@ -743,9 +767,11 @@ def _start(a, d, p, state):
             tok = sign_token(base_akid, derive_secret(master, base_akid), "127.0.0.1:%d" % my_port, IAM_USER, region)
             r = run([MARIADB, "--no-defaults", "--host=127.0.0.1", "--port=%d" % my_port, "--user=" + IAM_USER,
                      "--ssl", "--ssl-ca=" + p("ca.pem"), "--ssl-verify-server-cert", "--connect-timeout=10",
-                     "--batch", "--skip-column-names", "-e", "select current_user()"],
+                     "--batch", "--skip-column-names", "-e", "select current_user(), exists(select 1 from "
+                     "performance_schema.session_connect_attrs where processlist_id = connection_id())"],
                     env=dict(os.environ, MYSQL_PWD=tok), check=False)
-            if r.returncode != 0 or r.stdout.strip() != IAM_USER + "@%":
+            # 1: the client's connection attributes are visible to bytebase (performance_schema, the grant)
+            if r.returncode != 0 or r.stdout.strip() != IAM_USER + "@%\t1":
                 raise LabError("smoke MariaDB IAM login failed: %s (see %s, %s, %s)" % (
                     r.stdout.strip(), p("verifier.jsonl"), p("pam.log"), p("mysql", "mysqld.log")))
             say("smoke MariaDB IAM login ok")

@@ -146,6 +146,7 @@ impl TokenCache {
                     minting: tokio::sync::Mutex::new(()),
                     attempts: std::sync::atomic::AtomicU64::new(0),
                     last_error: Mutex::new(None),
+                    targets: Mutex::new(Vec::new()),
                 });
                 tokio::spawn(refresher(Arc::downgrade(&e)));
                 e
@@ -165,11 +166,37 @@ pub struct TokenEntry {
     /// instead of asking STS once more (no retry storm when STS is down).
     attempts: std::sync::atomic::AtomicU64,
     last_error: Mutex<Option<TokenError>>,
+    /// Targets served by this token, for per-target metrics.
+    targets: Mutex<Vec<String>>,
 }
 
 impl TokenEntry {
     pub fn key(&self) -> &TokenKey {
         &self.key
+    }
+
+    /// Note that `target` uses this token (its metrics follow the token's).
+    pub fn add_target(&self, target: &str) {
+        let mut t = self.targets.lock().unwrap();
+        if !t.iter().any(|n| n == target) {
+            t.push(target.to_string());
+        }
+        if let Some(tok) = self.current.read().unwrap().as_ref() {
+            Self::record(target, tok, false);
+        }
+    }
+
+    fn record(target: &str, token: &Token, minted: bool) {
+        let m = crate::metrics::metrics();
+        let labels = crate::metrics::TokenLabels {
+            target: target.to_string(),
+        };
+        if minted {
+            m.tokens_minted.get_or_create(&labels).inc();
+        }
+        m.token_expiry
+            .get_or_create(&labels)
+            .set(crate::metrics::unix_seconds(token.usable_until()));
     }
 
     /// The current token if it may still be used.
@@ -226,6 +253,9 @@ impl TokenEntry {
             Ok(t) => {
                 *self.current.write().unwrap() = Some(t.clone());
                 *self.last_error.lock().unwrap() = None;
+                for target in self.targets.lock().unwrap().iter() {
+                    Self::record(target, t, true);
+                }
                 tracing::info!(
                     identity = %self.source.identity(),
                     endpoint = %format!("{}:{}", self.key.host, self.key.port),

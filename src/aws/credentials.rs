@@ -186,8 +186,27 @@ impl CachedCredentials {
         let fetched = tokio::time::timeout(FETCH_TIMEOUT, self.inner.provide_credentials())
             .await
             .unwrap_or_else(|_| Err(CredentialsError::provider_timed_out(FETCH_TIMEOUT)));
+        let m = crate::metrics::metrics();
+        let source = crate::metrics::SourceLabels {
+            source: self.name.clone(),
+        };
+        m.sts_latency
+            .get_or_create(&source)
+            .observe(started.elapsed().as_secs_f64());
+        let result = if fetched.is_ok() { "ok" } else { "error" };
+        m.credential_refreshes
+            .get_or_create(&crate::metrics::SourceResultLabels {
+                source: self.name.clone(),
+                result: result.into(),
+            })
+            .inc();
         match fetched {
             Ok(c) => {
+                if let Some(exp) = c.expiry() {
+                    m.credential_expiry
+                        .get_or_create(&source)
+                        .set(crate::metrics::unix_seconds(exp));
+                }
                 tracing::info!(
                     source = %self.name,
                     access_key_id = %c.access_key_id(),

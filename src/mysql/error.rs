@@ -4,8 +4,6 @@
 use mysql_common::constants::CapabilityFlags;
 use mysql_common::packets::{ErrPacket, ServerError as MyServerError, SqlState};
 use mysql_common::proto::MySerialize;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::wire::packet;
 use crate::config::Target;
@@ -16,6 +14,7 @@ const CR_CONN_HOST_ERROR: u16 = 2003;
 const CR_SERVER_LOST: u16 = 2013;
 const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 const ER_HANDSHAKE_ERROR: u16 = 1043;
+const ER_CON_COUNT_ERROR: u16 = 1040;
 
 /// (error number, SQL state, message) for a failure on `target`.
 pub fn describe(f: &Failure, t: &Target) -> (u16, String, String) {
@@ -75,6 +74,19 @@ pub fn describe(f: &Failure, t: &Target) -> (u16, String, String) {
             "HY000".into(),
             format!("Lost connection to MySQL server: rds-iam-proxy timed out: {m}"),
         ),
+        Failure::ClientTimeout(m) => (
+            ER_HANDSHAKE_ERROR,
+            "08S01".into(),
+            format!("Bad handshake (rds-iam-proxy: {m} in time)"),
+        ),
+        Failure::Limit { max } => (
+            ER_CON_COUNT_ERROR,
+            "08004".into(),
+            format!(
+                "Too many connections (rds-iam-proxy: target \"{}\" allows {max}; raise max_connections or close idle clients)",
+                t.name
+            ),
+        ),
         Failure::Forward { .. } => (CR_SERVER_LOST, "HY000".into(), String::new()),
     }
 }
@@ -122,10 +134,4 @@ pub fn parse_err(payload: &[u8], caps: CapabilityFlags) -> ServerError {
             message: "malformed error packet from the server".into(),
         },
     }
-}
-
-/// Tell the client why, then close.
-pub async fn send(client: &mut TcpStream, f: &Failure, t: &Target, seq: u8) {
-    let _ = client.write_all(&encode(f, t, seq)).await;
-    let _ = client.shutdown().await;
 }

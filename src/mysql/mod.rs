@@ -10,7 +10,6 @@ pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use mysql_common::io::ParseBuf;
@@ -18,42 +17,40 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::failure::Failure;
-use crate::proxy::{within, TargetRuntime, CLIENT_HANDSHAKE_TIMEOUT};
+use crate::proxy::{client_within, within, TargetRuntime};
 use crate::relay::{relay, End, Relayed};
+use crate::session::Session;
 use backend::ChangeUserTail;
 use wire::{packet, read_packet, ChangeUserWatch};
 
 /// Serve one client connection to its end.
 pub async fn serve(mut client: TcpStream, peer: SocketAddr, target: Arc<TargetRuntime>) {
-    let started = Instant::now();
-    let mut user = String::new();
-    let mut database = String::new();
+    let mut session = Session::open(&target.cfg, peer, target.active.clone());
     // The sequence id our next packet to the client must carry.
     let mut seq = 0u8;
-    let outcome = session(
-        &mut client,
-        &target,
-        peer,
-        &mut user,
-        &mut database,
-        &mut seq,
-    )
-    .await;
-    crate::proxy::log_closed(&target.cfg, peer, &user, &database, started, &outcome);
-    if let Err(f) = outcome {
-        error::send(&mut client, &f, &target.cfg, seq).await;
+    let outcome = run(&mut client, &target, &mut session, &mut seq).await;
+    let failure = outcome
+        .as_ref()
+        .err()
+        .map(|f| error::encode(f, &target.cfg, seq));
+    session.close(&outcome);
+    if let Some(reply) = failure {
+        let _ = client.write_all(&reply).await;
+        let _ = client.shutdown().await;
     }
 }
 
-async fn session(
+async fn run(
     client: &mut TcpStream,
     target: &Arc<TargetRuntime>,
-    peer: SocketAddr,
-    user: &mut String,
-    database: &mut String,
+    session: &mut Session,
     seq: &mut u8,
 ) -> Result<(Relayed, Option<String>), Failure> {
     let cfg = &target.cfg;
+    if let Some(max) = target.over_limit() {
+        // Like the server: ERR 1040 in place of the greeting.
+        return Err(Failure::Limit { max });
+    }
     let (tcp, greeting) = within(
         target.login_timeout(),
         "the server's greeting did not come",
@@ -67,21 +64,20 @@ async fn session(
         .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
     *seq = 1;
     let mut buf = BytesMut::with_capacity(1024);
-    let response = within(
-        CLIENT_HANDSHAKE_TIMEOUT,
+    let response = client_within(
         "the client did not answer the greeting",
         frontend::read_response(client, &mut buf, offered),
     )
     .await?;
     *seq = response.seq.wrapping_add(1);
-    *user = response.user.clone();
-    *database = response
+    session.user = response.user.clone();
+    session.database = response
         .login
         .database
         .as_deref()
         .map(|d| String::from_utf8_lossy(d).into_owned())
         .unwrap_or_default();
-    tracing::info!(target = %cfg.name, client = %peer, user = %user, database = %database, "connection opened");
+    session.opened();
     if response.user != cfg.db_user {
         return Err(Failure::WrongUser {
             got: response.user,
@@ -98,17 +94,30 @@ async fn session(
         backend::login(target, tcp, &greeting, &login),
     )
     .await?;
+    let ok = packet(*seq, &upstream.ok);
     client
-        .write_all(&packet(*seq, &upstream.ok))
+        .write_all(&ok)
         .await
         .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
+    session.meter.server_to_client.inc_by(ok.len() as u64);
+    session.ready();
 
     // Relay; take over only for COM_CHANGE_USER, then go on relaying.
-    let mut total = Relayed::default();
+    let mut total = Relayed {
+        client_to_server: 0,
+        server_to_client: ok.len() as u64,
+    };
     let mut pending = buf;
     loop {
         let mut watch = ChangeUserWatch::default();
-        let (moved, end) = relay(client, &mut upstream.stream, &pending, Some(&mut watch)).await;
+        let (moved, end) = relay(
+            client,
+            &mut upstream.stream,
+            &pending,
+            Some(&mut watch),
+            Some(&session.meter),
+        )
+        .await;
         total.client_to_server += moved.client_to_server;
         total.server_to_client += moved.server_to_client;
         match end {
@@ -119,7 +128,8 @@ async fn session(
                 else {
                     return Ok((total, None));
                 };
-                let (reply, broken) = change_user(target, &mut upstream, &command, user).await;
+                let (reply, broken) =
+                    change_user(target, &mut upstream, &command, &mut session.user).await;
                 client
                     .write_all(&packet(1, &reply))
                     .await

@@ -92,6 +92,21 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
             None,
             Some("check that the database and STS answer; see the proxy's log".into()),
         ),
+        Failure::ClientTimeout(m) => (
+            "08P01".into(),
+            format!("rds-iam-proxy: {m} in time"),
+            None,
+            None,
+        ),
+        Failure::Limit { max } => (
+            "53300".into(),
+            format!(
+                "sorry, too many clients already (rds-iam-proxy: target \"{}\" allows {max})",
+                t.name
+            ),
+            None,
+            Some("raise max_connections for the target, or close idle clients".into()),
+        ),
         Failure::Forward { .. } => ("XX000".into(), String::new(), None, None),
     }
 }
@@ -119,9 +134,8 @@ pub fn encode(f: &Failure, t: &Target) -> BytesMut {
     buf
 }
 
-/// Tell the client why, then let the connection close.
-pub async fn send(client: &mut TcpStream, f: &Failure, t: &Target) {
-    let buf = encode(f, t);
-    let _ = client.write_all(&buf).await;
+/// Send an encoded error, then let the connection close.
+pub async fn send_raw(client: &mut TcpStream, reply: &[u8]) {
+    let _ = client.write_all(reply).await;
     let _ = client.shutdown().await;
 }

@@ -10,15 +10,15 @@ mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::failure::Failure;
-use crate::proxy::{within, TargetRuntime, CLIENT_HANDSHAKE_TIMEOUT};
+use crate::proxy::{client_within, within, TargetRuntime};
 use crate::relay::{relay, Relayed};
+use crate::session::Session;
 use cancel::CancelRegistry;
 use frontend::Opening;
 
@@ -29,79 +29,68 @@ pub async fn serve(
     target: Arc<TargetRuntime>,
     cancels: Arc<CancelRegistry>,
 ) {
-    let started = Instant::now();
+    let mut session = Session::open(&target.cfg, peer, target.active.clone());
     let mut buf = BytesMut::with_capacity(1024);
-    let opening = within(
-        CLIENT_HANDSHAKE_TIMEOUT,
+    let outcome = match client_within(
         "the client did not send its startup message",
         frontend::read_opening(&mut client, &mut buf),
     )
-    .await;
-    let startup = match opening {
-        Ok(Opening::Startup(s)) => s,
+    .await
+    {
+        Ok(Opening::Startup(startup)) => {
+            session.user = startup.parameters.get("user").cloned().unwrap_or_default();
+            session.database = startup
+                .parameters
+                .get("database")
+                .cloned()
+                .or_else(|| target.cfg.database.clone())
+                .unwrap_or_else(|| session.user.clone());
+            session.opened();
+            run(&mut client, &mut buf, startup, &session, &target, &cancels).await
+        }
         Ok(Opening::Cancel { pid, secret }) => {
             cancels.forward(pid, &secret).await;
-            return;
+            Ok((Relayed::default(), None))
         }
-        Ok(Opening::Closed) => return,
-        Err(f) => {
-            let outcome = Err(f);
-            crate::proxy::log_closed(&target.cfg, peer, "", "", started, &outcome);
-            if let Err(f) = outcome {
-                error::send(&mut client, &f, &target.cfg).await;
-            }
-            return;
-        }
+        Ok(Opening::Closed) => Ok((Relayed::default(), None)),
+        Err(f) => Err(f),
     };
-    let user = startup.parameters.get("user").cloned().unwrap_or_default();
-    let database = startup
-        .parameters
-        .get("database")
-        .cloned()
-        .or_else(|| target.cfg.database.clone())
-        .unwrap_or_else(|| user.clone());
-    tracing::info!(target = %target.cfg.name, client = %peer, user = %user, database = %database, "connection opened");
-
-    let outcome = session(
-        &mut client,
-        &mut buf,
-        startup,
-        &user,
-        &database,
-        &target,
-        &cancels,
-    )
-    .await;
-    crate::proxy::log_closed(&target.cfg, peer, &user, &database, started, &outcome);
-    if let Err(f) = outcome {
-        error::send(&mut client, &f, &target.cfg).await;
+    let failure = outcome
+        .as_ref()
+        .err()
+        .map(|f| error::encode(f, &target.cfg));
+    session.close(&outcome);
+    if let Some(reply) = failure {
+        error::send_raw(&mut client, &reply).await;
     }
 }
 
-async fn session(
+async fn run(
     client: &mut TcpStream,
     client_buf: &mut BytesMut,
     startup: pgwire::messages::startup::Startup,
-    user: &str,
-    database: &str,
+    session: &Session,
     target: &Arc<TargetRuntime>,
     cancels: &Arc<CancelRegistry>,
 ) -> Result<(Relayed, Option<String>), Failure> {
-    if user.is_empty() {
+    if let Some(max) = target.over_limit() {
+        return Err(Failure::Limit { max });
+    }
+    if session.user.is_empty() {
         return Err(Failure::ClientProtocol(
             "the startup message names no user".into(),
         ));
     }
-    if user != target.cfg.db_user {
+    if session.user != target.cfg.db_user {
         return Err(Failure::WrongUser {
-            got: user.to_string(),
+            got: session.user.clone(),
             expected: target.cfg.db_user.clone(),
         });
     }
     let mut upstream = within(
         target.login_timeout(),
         "the database login did not finish",
-        backend::connect(target, &startup, database),
+        backend::connect(target, &startup, &session.database),
     )
     .await?;
 
@@ -119,8 +108,20 @@ async fn session(
         .write_all(&upstream.to_client)
         .await
         .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
+    session
+        .meter
+        .server_to_client
+        .inc_by(upstream.to_client.len() as u64);
+    session.ready();
     // Anything the client pipelined behind its startup message goes first.
-    let (mut relayed, end) = relay(client, &mut upstream.stream, client_buf, None).await;
+    let (mut relayed, end) = relay(
+        client,
+        &mut upstream.stream,
+        client_buf,
+        None,
+        Some(&session.meter),
+    )
+    .await;
     relayed.server_to_client += upstream.to_client.len() as u64;
     Ok((relayed, end.error()))
 }

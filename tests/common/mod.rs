@@ -175,6 +175,8 @@ impl TargetSpec {
 
 pub struct ProxyProcess {
     child: Child,
+    pub admin_port: u16,
+    pub config_path: PathBuf,
     pub log_path: PathBuf,
     pub dir: PathBuf,
 }
@@ -197,7 +199,14 @@ impl ProxyProcess {
             std::env::temp_dir().join(format!("rip-test-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("config.toml");
-        std::fs::write(&cfg, config).unwrap();
+        // Each proxy gets its own admin port (tests run in parallel).
+        let admin_port = free_port();
+        let config = if config.contains("[admin]") {
+            config.to_string()
+        } else {
+            format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{config}")
+        };
+        std::fs::write(&cfg, &config).unwrap();
         let log_path = dir.join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
@@ -229,6 +238,8 @@ impl ProxyProcess {
         let child = cmd.spawn().expect("start rds-iam-proxy");
         let mut p = ProxyProcess {
             child,
+            admin_port,
+            config_path: cfg,
             log_path,
             dir,
         };
