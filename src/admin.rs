@@ -56,13 +56,30 @@ fn route(req: &Request<Incoming>, health: &Health) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
-        "/metrics" => Response::builder()
-            .header(
-                "content-type",
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-            .body(Full::new(Bytes::from(crate::metrics::metrics().encode())))
-            .expect("static response parts"),
+        "/metrics" => {
+            // Prometheus asks for OpenMetrics; curl, promtool and older scrapers get the
+            // classic text format.
+            let openmetrics = req.headers().get_all("accept").iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.contains("application/openmetrics-text"))
+            });
+            let m = crate::metrics::metrics();
+            let (ctype, body) = if openmetrics {
+                (
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    m.encode(),
+                )
+            } else {
+                (
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    m.encode_prometheus(),
+                )
+            };
+            Response::builder()
+                .header("content-type", ctype)
+                .body(Full::new(Bytes::from(body)))
+                .expect("static response parts")
+        }
         "/liveness" => text(StatusCode::OK, "ok\n".into()),
         "/startup" => {
             if health.started.load(Ordering::SeqCst) {

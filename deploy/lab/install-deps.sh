@@ -17,6 +17,9 @@ have mariadb || need+=(mariadb-client)
 /usr/bin/python3 -c 'import pymysql' 2>/dev/null || need+=(python3-pymysql)
 [ -f /usr/share/java/mariadb-java-client.jar ] || need+=(libmariadb-java)
 have javac || need+=(default-jdk-headless)
+# promtool lints the /metrics output; systemd-analyze rates the unit's hardening.
+have promtool || need+=(prometheus)
+have systemd-analyze || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

@@ -261,25 +261,39 @@ impl ProvideCredentials for CachedHop {
         Self: 'a,
     {
         future::ProvideCredentials::new(async move {
-            self.0
-                .get()
-                .await
-                .map_err(|e| CredentialsError::provider_error(e.0))
+            self.0.get().await.map_err(CredentialsError::provider_error)
         })
     }
 }
 
 /// The most useful words in an SDK error chain: STS's own code and message when it has them.
 fn describe_error(e: &CredentialsError) -> String {
+    use aws_sdk_sts::error::SdkError;
+    use aws_sdk_sts::operation::assume_role::AssumeRoleError;
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut parts: Vec<String> = Vec::new();
     while let Some(err) = source {
-        if let Some(sts) =
-            err.downcast_ref::<aws_sdk_sts::operation::assume_role::AssumeRoleError>()
-        {
+        // An earlier hop failed: its own words are the cause.
+        if let Some(hop) = err.downcast_ref::<CredentialsFailure>() {
+            return hop.0.clone();
+        }
+        if let Some(sts) = err.downcast_ref::<AssumeRoleError>() {
             let code = sts.code().unwrap_or("error");
             let msg = sts.message().unwrap_or("no message");
             return format!("STS refused AssumeRole: {code}: {msg}");
+        }
+        if let Some(sdk) = err.downcast_ref::<SdkError<AssumeRoleError>>() {
+            match sdk {
+                SdkError::DispatchFailure(d) => {
+                    return format!(
+                        "cannot reach STS: {}",
+                        innermost(d.as_connector_error().map(|c| c as &dyn std::error::Error))
+                            .unwrap_or_else(|| "connection failed".into())
+                    );
+                }
+                SdkError::TimeoutError(_) => return "STS did not answer in time".into(),
+                _ => {}
+            }
         }
         let text = err.to_string();
         if !parts.iter().any(|p| p.contains(&text)) {
@@ -288,6 +302,15 @@ fn describe_error(e: &CredentialsError) -> String {
         source = err.source();
     }
     parts.join(": ")
+}
+
+/// The last error of a source chain: usually the one that says what happened.
+fn innermost(e: Option<&dyn std::error::Error>) -> Option<String> {
+    let mut e = e?;
+    while let Some(next) = e.source() {
+        e = next;
+    }
+    Some(e.to_string())
 }
 
 #[cfg(test)]

@@ -243,17 +243,25 @@ impl ProxyProcess {
             log_path,
             dir,
         };
-        for port in ports {
-            p.wait_port(*port);
-        }
+        let _ = ports; // all bound before the admin endpoint answers
+        p.wait_up();
         p
     }
 
-    fn wait_port(&mut self, port: u16) {
+    /// Wait until the proxy is up: its admin endpoint answers /liveness, which it binds
+    /// after every listener (probing a target port would count as a client connection).
+    fn wait_up(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return;
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) {
+                use std::io::Write;
+                let _ =
+                    s.write_all(b"GET /liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                if r.starts_with("HTTP/1.1 200") {
+                    return;
+                }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!(
@@ -263,11 +271,46 @@ impl ProxyProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "rds-iam-proxy did not listen on {port}:\n{}",
+                "rds-iam-proxy did not come up:\n{}",
                 self.output()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal by name (TERM, INT, HUP).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait (bounded) for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rds-iam-proxy did not exit within {limit:?}:\n{}",
+                self.output()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// GET a path of the admin endpoint: (status, body).
+    pub fn admin(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path)
     }
 
     pub fn output(&self) -> String {
@@ -329,4 +372,48 @@ pub async fn pg(
 
 pub fn path_exists(p: &str) -> bool {
     Path::new(p).exists()
+}
+
+/// A minimal HTTP/1.1 GET (no client library needed for four endpoints).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample in a metrics text (`name{labels}` exactly as printed).
+pub fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Poll `f` until it returns Some, for at most `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
