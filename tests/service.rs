@@ -618,3 +618,37 @@ fn check_reports_each_target_with_cause_and_fix() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn json_logs_have_one_open_and_one_close_line_per_connection() {
+    let lab = Lab::get();
+    let sess = session("jsonlog");
+    let spec = TargetSpec::new(&lab, "orders", &sess);
+    let mut p = ProxyProcess::start(&lab, &spec.toml(), &[spec.port], &["--log-format", "json"]);
+    let (ok, _, err) = psql(spec.port, "bytebase", "appdb", "select 1");
+    assert!(ok, "{err}");
+    let (ok, _, _) = psql(spec.port, "eve", "appdb", "select 1");
+    assert!(!ok);
+    let log = eventually(Duration::from_secs(10), "two close lines", || {
+        let out = p.output();
+        (out.matches("connection closed").count() == 2).then_some(out)
+    });
+    p.stop();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let with = |msg: &str| lines.iter().filter(|l| l["fields"]["message"] == msg).collect::<Vec<_>>();
+    assert_eq!(with("connection opened").len(), 2);
+    let closed = with("connection closed");
+    let good = closed.iter().find(|l| l["fields"]["user"] == "bytebase").unwrap();
+    for field in ["target", "client", "database", "duration_ms", "bytes_from_client", "bytes_to_client", "result"] {
+        assert!(!good["fields"][field].is_null(), "{field} missing: {good}");
+    }
+    assert_eq!(good["fields"]["result"], "ok");
+    assert_eq!(good["fields"]["database"], "appdb");
+    let bad = closed.iter().find(|l| l["fields"]["user"] == "eve").unwrap();
+    assert_eq!(bad["fields"]["result"], "auth_failed");
+    assert!(bad["fields"]["error"].as_str().unwrap().contains("\"eve\""));
+    assert!(with("token minted").len() == 1 && !with("credentials refreshed").is_empty());
+}
