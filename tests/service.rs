@@ -638,16 +638,35 @@ fn json_logs_have_one_open_and_one_close_line_per_connection() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
-    let with = |msg: &str| lines.iter().filter(|l| l["fields"]["message"] == msg).collect::<Vec<_>>();
+    let with = |msg: &str| {
+        lines
+            .iter()
+            .filter(|l| l["fields"]["message"] == msg)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(with("connection opened").len(), 2);
     let closed = with("connection closed");
-    let good = closed.iter().find(|l| l["fields"]["user"] == "bytebase").unwrap();
-    for field in ["target", "client", "database", "duration_ms", "bytes_from_client", "bytes_to_client", "result"] {
+    let good = closed
+        .iter()
+        .find(|l| l["fields"]["user"] == "bytebase")
+        .unwrap();
+    for field in [
+        "target",
+        "client",
+        "database",
+        "duration_ms",
+        "bytes_from_client",
+        "bytes_to_client",
+        "result",
+    ] {
         assert!(!good["fields"][field].is_null(), "{field} missing: {good}");
     }
     assert_eq!(good["fields"]["result"], "ok");
     assert_eq!(good["fields"]["database"], "appdb");
-    let bad = closed.iter().find(|l| l["fields"]["user"] == "eve").unwrap();
+    let bad = closed
+        .iter()
+        .find(|l| l["fields"]["user"] == "eve")
+        .unwrap();
     assert_eq!(bad["fields"]["result"], "auth_failed");
     assert!(bad["fields"]["error"].as_str().unwrap().contains("\"eve\""));
     assert!(with("token minted").len() == 1 && !with("credentials refreshed").is_empty());

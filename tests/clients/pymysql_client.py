@@ -38,9 +38,13 @@ with c.cursor() as cur:
     cur.execute("drop table py_tx_%d" % port)
 c.close()
 
-# The client's character set reaches the server.
-c = pymysql.connect(host="127.0.0.1", port=port, user=user, database="appdb", charset="latin1")
+# The client's character set and connection attributes reach the server.
+c = pymysql.connect(host="127.0.0.1", port=port, user=user, database="appdb", charset="latin1",
+                    program_name="rip-through-proxy")
 with c.cursor() as cur:
     cur.execute("select @@character_set_client, @@collation_connection")
     print("charset=%s,%s" % cur.fetchone())
+    cur.execute("select attr_value from performance_schema.session_connect_attrs"
+                " where processlist_id = connection_id() and attr_name = 'program_name'")
+    print("program_name=%s" % cur.fetchone()[0])
 c.close()
