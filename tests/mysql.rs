@@ -365,7 +365,10 @@ async fn pymysql_and_connector_j() {
     assert_eq!(got["loaded"], n.to_string());
     assert_eq!(got["tx"], "2");
     assert_eq!(got["charset"], "latin1,latin1_swedish_ci");
-    assert_eq!(got["program_name"], "rip-through-proxy", "connection attributes carried");
+    assert_eq!(
+        got["program_name"], "rip-through-proxy",
+        "connection attributes carried"
+    );
 
     let classes = std::env::temp_dir().join(format!("rip-java-{}", std::process::id()));
     std::fs::create_dir_all(&classes).unwrap();
