@@ -56,6 +56,8 @@ fn yes() -> bool {
 pub struct ProxyConfig {
     /// Seconds open sessions get to finish after SIGTERM/SIGINT (default 30).
     pub shutdown_grace: Option<u64>,
+    /// Seconds a client has to finish its side of the handshake (default 60).
+    pub handshake_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -213,6 +215,8 @@ pub struct Target {
     pub ca_file: PathBuf,
     pub tls_mode: TlsMode,
     pub connect_timeout: Duration,
+    /// From `[proxy] handshake_timeout`: the client's side of the handshake.
+    pub handshake_timeout: Duration,
     pub max_connections: Option<usize>,
     pub credentials: CredentialSpec,
 }
@@ -226,6 +230,8 @@ pub struct Config {
 }
 
 const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Like PostgreSQL's authentication_timeout.
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A configuration refusal: what is wrong, where, and how to fix it.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +253,9 @@ impl Config {
                 path.display()
             ))
         })?;
-        Self::parse(&text, &path.display().to_string())
+        let config = Self::parse(&text, &path.display().to_string())?;
+        warn_if_secrets_readable(path, &config);
+        Ok(config)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -263,6 +271,15 @@ impl Config {
                 "config {origin}: no [[target]] table; add at least one target (see config/example.toml)"
             )));
         }
+        let handshake_timeout = match file.proxy.handshake_timeout {
+            Some(0) => {
+                return Err(err(format!(
+                    "config {origin}: [proxy] handshake_timeout = 0 would drop every client; give seconds, e.g. 60"
+                )))
+            }
+            Some(s) => Duration::from_secs(s),
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+        };
         let mut targets = Vec::new();
         let mut names = HashMap::new();
         let mut listens = HashMap::new();
@@ -272,8 +289,9 @@ impl Config {
             } else {
                 format!("target \"{}\"", t.name)
             };
-            let target =
+            let mut target =
                 validate_target(t).map_err(|e| err(format!("config {origin}: {label}: {e}")))?;
+            target.handshake_timeout = handshake_timeout;
             if let Some(prev) = names.insert(target.name.clone(), i) {
                 return Err(err(format!(
                     "config {origin}: targets #{} and #{} are both named \"{}\"; give each target a unique name",
@@ -320,6 +338,30 @@ impl Config {
 
     pub fn target(&self, name: &str) -> Option<&Target> {
         self.targets.iter().find(|t| t.name == name)
+    }
+}
+
+/// Static secret keys in a file that other users can read: say so, loudly.
+fn warn_if_secrets_readable(path: &Path, config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let has_secret = config
+        .targets
+        .iter()
+        .any(|t| matches!(t.credentials.base, BaseCredentials::Static { .. }));
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if has_secret && mode & 0o004 != 0 {
+        tracing::warn!(
+            file = %path.display(),
+            mode = %format!("{mode:o}"),
+            "the config holds secret_access_key and every user on this machine can read it; chmod 600 (or 640 with the service's group)"
+        );
+        eprintln!(
+            "rds-iam-proxy: warning: {} holds secret_access_key and is readable by every user (mode {mode:o}); run chmod 600 on it",
+            path.display()
+        );
     }
 }
 
@@ -481,6 +523,7 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         ca_file: t.ca_file,
         tls_mode: t.tls_mode,
         connect_timeout,
+        handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         max_connections: match t.max_connections {
             Some(0) => return Err("`max_connections` = 0 would refuse every client; give a positive number or remove it".into()),
             m => m,

@@ -19,9 +19,6 @@ use crate::failure::Failure;
 use crate::metrics::{metrics, TargetLabels};
 use crate::postgres;
 
-/// A client must finish its side of the handshake within this (PostgreSQL's
-/// authentication_timeout is one minute too).
-pub const CLIENT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Beyond connect_timeout, what a login (token, TLS, server's auth) may take in all.
 const LOGIN_BUDGET: Duration = Duration::from_secs(30);
 
@@ -40,16 +37,17 @@ pub async fn within<T>(
     }
 }
 
-/// The client's side of the handshake, bounded by CLIENT_HANDSHAKE_TIMEOUT.
+/// The client's side of the handshake, bounded by `[proxy] handshake_timeout`.
 pub async fn client_within<T>(
+    limit: Duration,
     what: &str,
     fut: impl std::future::Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
-    match tokio::time::timeout(CLIENT_HANDSHAKE_TIMEOUT, fut).await {
+    match tokio::time::timeout(limit, fut).await {
         Ok(r) => r,
         Err(_) => Err(Failure::ClientTimeout(format!(
             "{what} within {} s",
-            CLIENT_HANDSHAKE_TIMEOUT.as_secs()
+            limit.as_secs()
         ))),
     }
 }
@@ -232,8 +230,7 @@ impl Proxy {
                         Ok(_) => return,
                         Err(e) => {
                             tracing::error!(target = %t.cfg.name, error = %e, "cannot mint the first token; retrying");
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(Duration::from_secs(30));
+                            tokio::time::sleep(crate::aws::cache::next_backoff(&mut backoff)).await;
                         }
                     }
                 }

@@ -117,3 +117,42 @@ fn help_and_version_work() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
+
+#[test]
+fn static_secrets_in_a_world_readable_config_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("rip-perm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, CA).unwrap();
+    let path = dir.join("c.toml");
+    let text = GOOD.replace("CA_FILE", ca.to_str().unwrap())
+        + "access_key_id = \"AKIAEXAMPLE\"\nsecret_access_key = \"not-a-real-secret\"\n";
+    std::fs::write(&path, text).unwrap();
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"))
+            .args([
+                "--config",
+                path.to_str().unwrap(),
+                "token",
+                "--target",
+                "nope",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = run();
+    assert!(
+        err.contains("readable by every user") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("not-a-real-secret"),
+        "the warning must not print the secret"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!run().contains("readable by every user"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -219,3 +219,28 @@ async fn each_failure_is_an_err_packet_and_the_proxy_keeps_serving() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_silent_mysql_upstream_is_given_up_after_connect_timeout() {
+    let lab = Lab::get();
+    // Accepts TCP, never greets: a hung server or a half-open tunnel.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let spec = TargetSpec::mysql(&lab, "shop", &session("my-silent"))
+        .set("connect_to", &format!("\"{addr}\""))
+        .set("connect_timeout", "1");
+    let _p = ProxyProcess::start(&lab, &spec.toml(), &[spec.port], &[]);
+    let res = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        refused(spec.port, "bytebase"),
+    )
+    .await
+    .expect("the proxy must not hang");
+    assert_eq!(res.0, 2003);
+    assert!(
+        res.2.contains(&addr.to_string()) && res.2.contains("no greeting"),
+        "{}",
+        res.2
+    );
+    drop(silent);
+}

@@ -324,6 +324,10 @@ fn readiness_turns_503_when_sts_fails_and_the_token_expires_then_recovers() {
     assert_eq!(p.admin("/liveness").0, 200);
 
     gate.broken.store(true, Ordering::SeqCst);
+    // STS is down but a valid token is cached: new connections keep working.
+    let (ok, out, err) = psql(spec.port, "bytebase", "postgres", "select current_user");
+    assert!(ok, "{err}");
+    assert_eq!(out, "bytebase");
     // Credentials from the gate live 75 s and a token is not handed out in its last
     // minute: within about a minute no valid token is left.
     let body = eventually(Duration::from_secs(150), "readiness 503", || {

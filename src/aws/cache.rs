@@ -306,6 +306,15 @@ impl TokenEntry {
     }
 }
 
+/// The wait before the next retry, with +-20 % jitter so many proxies hit by one STS
+/// outage do not retry in step; doubles up to RETRY_MAX.
+pub fn next_backoff(backoff: &mut Duration) -> Duration {
+    let jitter = 0.8 + rand::random::<f64>() * 0.4;
+    let wait = backoff.mul_f64(jitter);
+    *backoff = (*backoff * 2).min(RETRY_MAX);
+    wait
+}
+
 /// Keeps one entry's token fresh until the entry is dropped.
 async fn refresher(entry: std::sync::Weak<TokenEntry>) {
     let mut backoff = RETRY_MIN;
@@ -319,16 +328,8 @@ async fn refresher(entry: std::sync::Weak<TokenEntry>) {
             let stalled =
                 matches!(&outcome, Some(Ok(t)) if before.is_some_and(|b| t.expires_at <= b));
             match outcome {
-                _ if stalled => {
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    wait
-                }
-                Some(Err(_)) => {
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(RETRY_MAX);
-                    wait
-                }
+                _ if stalled => next_backoff(&mut backoff),
+                Some(Err(_)) => next_backoff(&mut backoff),
                 Some(Ok(_)) | None => {
                     backoff = RETRY_MIN;
                     e.due()

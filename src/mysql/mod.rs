@@ -65,6 +65,7 @@ async fn run(
     *seq = 1;
     let mut buf = BytesMut::with_capacity(1024);
     let response = client_within(
+        target.cfg.handshake_timeout,
         "the client did not answer the greeting",
         frontend::read_response(client, &mut buf, offered),
     )

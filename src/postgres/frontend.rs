@@ -95,6 +95,12 @@ pub async fn read_opening(client: &mut TcpStream, buf: &mut BytesMut) -> Result<
                 let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
                 // Decode this packet only: bytes after it are the client's, not the startup's.
                 let mut packet = buf.split_to(len);
+                // pgwire would replace bad bytes silently; a user name must not change.
+                if std::str::from_utf8(&packet[8..]).is_err() {
+                    return Err(Failure::ClientProtocol(
+                        "the startup parameters are not valid UTF-8".into(),
+                    ));
+                }
                 let startup = Startup::decode(&mut packet, &ctx)
                     .map_err(|e| Failure::ClientProtocol(format!("bad startup packet: {e}")))?
                     .ok_or_else(|| Failure::ClientProtocol("incomplete startup packet".into()))?;

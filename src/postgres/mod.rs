@@ -32,6 +32,7 @@ pub async fn serve(
     let mut session = Session::open(&target.cfg, peer, target.active.clone());
     let mut buf = BytesMut::with_capacity(1024);
     let outcome = match client_within(
+        target.cfg.handshake_timeout,
         "the client did not send its startup message",
         frontend::read_opening(&mut client, &mut buf),
     )
