@@ -110,6 +110,8 @@ pub struct TargetConfig {
     pub connect_timeout: Option<u64>,
     /// Client connections served at once; one more gets "too many connections".
     pub max_connections: Option<usize>,
+    /// Seconds without a byte either way after which a session is closed.
+    pub idle_timeout: Option<u64>,
 
     // Base credentials: the default chain unless one of these is given.
     pub profile: Option<String>,
@@ -218,6 +220,7 @@ pub struct Target {
     /// From `[proxy] handshake_timeout`: the client's side of the handshake.
     pub handshake_timeout: Duration,
     pub max_connections: Option<usize>,
+    pub idle_timeout: Option<Duration>,
     pub credentials: CredentialSpec,
 }
 
@@ -356,11 +359,7 @@ fn warn_if_secrets_readable(path: &Path, config: &Config) {
         tracing::warn!(
             file = %path.display(),
             mode = %format!("{mode:o}"),
-            "the config holds secret_access_key and every user on this machine can read it; chmod 600 (or 640 with the service's group)"
-        );
-        eprintln!(
-            "rds-iam-proxy: warning: {} holds secret_access_key and is readable by every user (mode {mode:o}); run chmod 600 on it",
-            path.display()
+            "the config holds secret_access_key and is readable by every user on this machine; run chmod 600 on it (or 640 with the service's group)"
         );
     }
 }
@@ -524,6 +523,10 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         tls_mode: t.tls_mode,
         connect_timeout,
         handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: match t.idle_timeout {
+            Some(0) => return Err("`idle_timeout` = 0 would close every session at once; give seconds or remove it".into()),
+            s => s.map(Duration::from_secs),
+        },
         max_connections: match t.max_connections {
             Some(0) => return Err("`max_connections` = 0 would refuse every client; give a positive number or remove it".into()),
             m => m,

@@ -42,6 +42,10 @@ pub enum Failure {
     ClientTimeout(String),
     /// The target is at its `max_connections`.
     Limit { max: usize },
+    /// The server went away mid-session (restart, failover): told to the client on the way out.
+    ServerLost,
+    /// The session was idle for the target's `idle_timeout`.
+    Idle(std::time::Duration),
     /// The upstream broke the protocol or closed during the handshake.
     UpstreamProtocol(String),
 }
@@ -63,6 +67,8 @@ impl Failure {
             | Failure::Forward { .. } => "upstream_error",
             Failure::ClientProtocol(_) | Failure::ClientTimeout(_) => "client_error",
             Failure::Limit { .. } => "limit",
+            Failure::ServerLost => "upstream_error",
+            Failure::Idle(_) => "client_error",
         }
     }
 
@@ -92,6 +98,8 @@ impl Failure {
             Failure::ClientProtocol(_) | Failure::ClientTimeout(_) => "check the client's connection settings (plain TCP, the target's protocol)",
             Failure::UpstreamProtocol(_) => "check that connect_to reaches a database server of the target's engine",
             Failure::Limit { .. } => "raise max_connections or close idle clients",
+            Failure::ServerLost => "reconnect: new connections go to the server as DNS names it now",
+            Failure::Idle(_) => "reconnect, or raise idle_timeout",
         }
     }
 }
@@ -117,6 +125,8 @@ impl fmt::Display for Failure {
             Failure::Timeout(m) => write!(f, "timed out: {m}"),
             Failure::ClientTimeout(m) => write!(f, "client timed out: {m}"),
             Failure::Limit { max } => write!(f, "too many connections (max_connections = {max})"),
+            Failure::ServerLost => write!(f, "the database closed the connection"),
+            Failure::Idle(d) => write!(f, "idle for {} s (idle_timeout)", d.as_secs()),
             Failure::UpstreamProtocol(m) => write!(f, "upstream protocol error: {m}"),
         }
     }

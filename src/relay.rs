@@ -5,7 +5,7 @@
 //! direction can be watched by an [`Inspect`]or: the MySQL engine uses it to take over at a
 //! `COM_CHANGE_USER`, which needs a fresh token rather than the client's scramble.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -43,12 +43,17 @@ pub trait Inspect: Send {
 /// Why the relay ended.
 #[derive(Debug)]
 pub enum End {
-    /// A side closed; the other was shut down.
-    Closed,
+    /// The client closed first; the server side was shut down and has closed too.
+    ClientClosed,
+    /// The server closed while the client was still there (restart, failover, kill).
+    /// The client side is not shut down yet: the engine may say why first.
+    ServerClosed,
     /// The client side failed.
     ClientError(io::Error),
     /// The server side failed.
     ServerError(io::Error),
+    /// No byte either way for the idle timeout.
+    Idle,
     /// The inspector stopped: these client bytes were not forwarded; nothing is pending
     /// toward the client. The engine takes over and may call [`relay`] again.
     Handover(BytesMut),
@@ -58,11 +63,27 @@ impl End {
     /// The error worth logging, if any.
     pub fn error(self) -> Option<String> {
         match self {
-            End::Closed | End::Handover(_) => None,
+            End::ClientClosed | End::Handover(_) => None,
+            End::ServerClosed => Some("the server closed the connection".into()),
             End::ClientError(e) => Some(format!("client: {e}")),
             End::ServerError(e) => Some(format!("server: {e}")),
+            End::Idle => Some("idle timeout".into()),
         }
     }
+
+    /// The server went away under a client that is still there.
+    pub fn server_lost(&self) -> bool {
+        matches!(self, End::ServerClosed | End::ServerError(_))
+    }
+}
+
+/// What watches a relay: inspectors per direction, live byte counters, an idle timeout.
+#[derive(Default)]
+pub struct Watch<'a> {
+    pub up: Option<&'a mut dyn Inspect>,
+    pub down: Option<&'a mut dyn Inspect>,
+    pub meter: Option<&'a Meter>,
+    pub idle: Option<std::time::Duration>,
 }
 
 struct Pipe {
@@ -77,6 +98,8 @@ struct Pipe {
     bytes: u64,
     /// Bumped as bytes are written, so a scrape sees long sessions too.
     counter: Option<Counter>,
+    /// Shut the writer down on reader EOF (client to server), or leave that to the engine.
+    shutdown_on_eof: bool,
 }
 
 enum PipeState {
@@ -92,7 +115,7 @@ enum Failed {
 }
 
 impl Pipe {
-    fn new(initial: &[u8], counter: Option<Counter>) -> Pipe {
+    fn new(initial: &[u8], counter: Option<Counter>, shutdown_on_eof: bool) -> Pipe {
         let mut buf = vec![0u8; BUF_SIZE.max(initial.len())].into_boxed_slice();
         buf[..initial.len()].copy_from_slice(initial);
         Pipe {
@@ -105,6 +128,7 @@ impl Pipe {
             need_flush: false,
             bytes: 0,
             counter,
+            shutdown_on_eof,
         }
     }
 
@@ -166,7 +190,12 @@ impl Pipe {
                 return Poll::Pending;
             }
             if self.eof {
-                ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(Failed::Write)?;
+                if self.shutdown_on_eof {
+                    ready!(Pin::new(&mut *writer).poll_shutdown(cx)).map_err(Failed::Write)?;
+                } else if self.need_flush {
+                    ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Write)?;
+                    self.need_flush = false;
+                }
                 return Poll::Ready(Ok(PipeState::Done));
             }
             // Everything approved is written: keep only held bytes, at the front.
@@ -208,27 +237,39 @@ impl Pipe {
     }
 }
 
-/// Relay until a side closes, a side fails, or the inspector hands over.
+/// Relay until a side closes, a side fails, the link idles out, or the inspector hands over.
 /// `client_first`: client bytes already read (they go through the inspector too).
 pub async fn relay<C, S>(
     client: &mut C,
     server: &mut S,
     client_first: &[u8],
-    mut inspector: Option<&mut dyn Inspect>,
-    meter: Option<&Meter>,
+    watch: Watch<'_>,
 ) -> (Relayed, End)
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     S: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let mut up = Pipe::new(client_first, meter.map(|m| m.client_to_server.clone()));
-    up.judge(&mut inspector);
-    let mut down = Pipe::new(&[], meter.map(|m| m.server_to_client.clone()));
-    let mut none: Option<&mut dyn Inspect> = None;
+    let Watch {
+        up: mut up_watch,
+        down: mut down_watch,
+        meter,
+        idle,
+    } = watch;
+    let mut up = Pipe::new(
+        client_first,
+        meter.map(|m| m.client_to_server.clone()),
+        true,
+    );
+    up.judge(&mut up_watch);
+    let mut down = Pipe::new(&[], meter.map(|m| m.server_to_client.clone()), false);
     let mut up_done = false;
+    // Checked lazily: the timer is only re-armed when it fires, not per chunk.
+    let mut idle_timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
+    let mut moved = 0u64;
+    let mut last_activity = tokio::time::Instant::now();
     let end = poll_fn(|cx| {
         if !up_done {
-            match up.poll(cx, client, server, &mut inspector, false) {
+            match up.poll(cx, client, server, &mut up_watch, false) {
                 Poll::Ready(Ok(PipeState::Done)) => up_done = true,
                 Poll::Ready(Ok(PipeState::Stopped)) => {}
                 Poll::Ready(Err(Failed::Read(e))) => return Poll::Ready(End::ClientError(e)),
@@ -236,17 +277,36 @@ where
                 Poll::Pending => {}
             }
         }
-        match down.poll(cx, server, client, &mut none, up.stopped) {
+        let state = match down.poll(cx, server, client, &mut down_watch, up.stopped) {
+            Poll::Ready(Ok(PipeState::Done)) if up_done => Poll::Ready(End::ClientClosed),
             // The server ended the session: nothing the client sends matters any more.
-            Poll::Ready(Ok(PipeState::Done)) => Poll::Ready(End::Closed),
-            Poll::Ready(Ok(PipeState::Stopped)) => unreachable!("no inspector downstream"),
+            Poll::Ready(Ok(PipeState::Done)) => Poll::Ready(End::ServerClosed),
+            Poll::Ready(Ok(PipeState::Stopped)) => Poll::Ready(End::ServerClosed),
             Poll::Ready(Err(Failed::Read(e))) => Poll::Ready(End::ServerError(e)),
             Poll::Ready(Err(Failed::Write(e))) => Poll::Ready(End::ClientError(e)),
             Poll::Pending if up.stopped && down.written == down.approved && !down.need_flush => {
                 Poll::Ready(End::Handover(up.rest()))
             }
             Poll::Pending => Poll::Pending,
+        };
+        if state.is_ready() {
+            return state;
         }
+        if let (Some(timer), Some(limit)) = (idle_timer.as_mut(), idle) {
+            let total = up.bytes + down.bytes;
+            if total != moved {
+                moved = total;
+                last_activity = tokio::time::Instant::now();
+            }
+            while timer.as_mut().poll(cx).is_ready() {
+                let deadline = last_activity + limit;
+                if tokio::time::Instant::now() >= deadline {
+                    return Poll::Ready(End::Idle);
+                }
+                timer.as_mut().reset(deadline);
+            }
+        }
+        Poll::Pending
     })
     .await;
     (
@@ -278,10 +338,9 @@ mod tests {
     async fn moves_bytes_both_ways_and_counts_them() {
         let (mut client_app, mut client) = tokio::io::duplex(64);
         let (mut server, mut server_app) = tokio::io::duplex(64);
-        let pump =
-            tokio::spawn(
-                async move { relay(&mut client, &mut server, b"first ", None, None).await },
-            );
+        let pump = tokio::spawn(async move {
+            relay(&mut client, &mut server, b"first ", Watch::default()).await
+        });
         let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
         let big2 = big.clone();
         let writer = tokio::spawn(async move {
@@ -299,9 +358,30 @@ mod tests {
         drop(server_app);
         assert_eq!(writer.await.unwrap(), b"bye");
         let (n, end) = pump.await.unwrap();
-        assert!(matches!(end, End::Closed), "{end:?}");
+        assert!(matches!(end, End::ClientClosed), "{end:?}");
         assert_eq!(n.client_to_server, 200_006);
         assert_eq!(n.server_to_client, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_link_ends_after_the_idle_timeout_and_traffic_resets_it() {
+        let (mut client_app, mut client) = tokio::io::duplex(64);
+        let (mut server, _server_app) = tokio::io::duplex(64);
+        let pump = tokio::spawn(async move {
+            let watch = Watch {
+                idle: Some(std::time::Duration::from_secs(10)),
+                ..Watch::default()
+            };
+            let started = tokio::time::Instant::now();
+            let (_, end) = relay(&mut client, &mut server, b"", watch).await;
+            (end, started.elapsed())
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+        client_app.write_all(b"x").await.unwrap();
+        let (end, elapsed) = pump.await.unwrap();
+        assert!(matches!(end, End::Idle), "{end:?}");
+        // 6 s quiet, a byte, then 10 s quiet.
+        assert!(elapsed >= std::time::Duration::from_secs(16), "{elapsed:?}");
     }
 
     #[tokio::test]
@@ -310,7 +390,11 @@ mod tests {
         let (mut server, mut server_app) = tokio::io::duplex(64);
         client_app.write_all(b"abcXdef").await.unwrap();
         let mut insp = StopAtX;
-        let (n, end) = relay(&mut client, &mut server, b"", Some(&mut insp), None).await;
+        let watch = Watch {
+            up: Some(&mut insp),
+            ..Watch::default()
+        };
+        let (n, end) = relay(&mut client, &mut server, b"", watch).await;
         let End::Handover(rest) = end else {
             panic!("{end:?}")
         };

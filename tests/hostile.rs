@@ -403,3 +403,28 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout_and_counted() {
         (c("orders", "postgres") == Some(1.0) && c("shop", "mysql") == Some(1.0)).then_some(())
     });
 }
+
+#[test]
+fn an_idle_session_is_closed_after_idle_timeout_with_57p05() {
+    let lab = Lab::get();
+    let spec = TargetSpec::new(&lab, "orders", &session("idle")).set("idle_timeout", "1");
+    let _p = ProxyProcess::start(&lab, &spec.toml(), &[spec.port], &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", spec.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&startup(196608, b"user\0bytebase\0database\0postgres\0\0"))
+        .unwrap();
+    // Read the login (up to ReadyForQuery), then say nothing: the proxy ends it.
+    let mut all = Vec::new();
+    s.read_to_end(&mut all)
+        .expect("closed by the idle timeout, not left open");
+    let mut at = 0;
+    let mut last = None;
+    while at + 5 <= all.len() {
+        let len = i32::from_be_bytes(all[at + 1..at + 5].try_into().unwrap()) as usize;
+        last = Some(at);
+        at += 1 + len;
+    }
+    let (code, message) = pg_error(&all[last.unwrap()..]);
+    assert_eq!(code, "57P05");
+    assert!(message.contains("idle_timeout = 1 s"), "{message}");
+}

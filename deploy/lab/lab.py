@@ -8,6 +8,9 @@
   python3 deploy/lab/lab.py token  --dir /tmp/rdsiam-lab [--engine postgres|mysql] [--user bytebase]
                                    [--endpoint HOST:PORT] [--region R]
   python3 deploy/lab/lab.py web-token --dir /tmp/rdsiam-lab [--expires-in S] [--aud A] [--sub S] [--iss I]
+  python3 deploy/lab/lab.py restart --dir /tmp/rdsiam-lab --engine postgres|mysql [--mode fast|immediate|kill]
+                                    [--timeout 60] [--no-smoke]
+  python3 deploy/lab/lab.py stop-service|start-service --dir /tmp/rdsiam-lab --service sts
 
 start builds everything in DIR (certificates, PAM module, STS emulator, a
 PostgreSQL 15 and a MariaDB 10.11 whose IAM users authenticate through PAM ->
@@ -19,7 +22,9 @@ signer, botocore is).  Run as root; standard library only.
 """
 import argparse
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import glob
 import hashlib
 import hmac
@@ -456,8 +461,13 @@ def http_ok(port):
 
 def start_mysqld(d, port, state):
     """Write DIR/mysql/my.cnf for `port` and launch mariadbd in the foreground of its own session."""
+    write(os.path.join(d, "mysql", "my.cnf"), my_cnf(d, port), 0o644)
+    return launch_mysqld(d, state)
+
+
+def launch_mysqld(d, state):
+    """Launch mariadbd with DIR/mysql/my.cnf as it is, in the foreground of its own session."""
     m = lambda *n: os.path.join(d, "mysql", *n)  # noqa: E731
-    write(m("my.cnf"), my_cnf(d, port), 0o644)
     with open(m("mysqld.out"), "ab") as out:
         proc = subprocess.Popen([MYSQLD, "--defaults-file=" + m("my.cnf")], cwd=m("data"), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=out, start_new_session=True)
@@ -465,7 +475,7 @@ def start_mysqld(d, port, state):
     return proc
 
 
-def wait_mysqld(d, proc, port, may_retry, state):
+def wait_mysqld(d, proc, port, may_retry, state, timeout=60):
     """Wait for the server's greeting on its unix socket (in DIR, so surely ours: a greeting on 127.0.0.1:port
     could come from another server that holds the port), then on 127.0.0.1:port. mariadbd binds TCP before the
     socket and aborts if it cannot. On a lost port race, start again on another port."""
@@ -473,8 +483,10 @@ def wait_mysqld(d, proc, port, may_retry, state):
     sock = os.path.join(d, "mysql", "mysqld.sock")
     for attempt in range(3):
         try:
-            wait_for("MariaDB on %s" % sock, lambda: my_greeting(sock) is not None, 60, proc)
-            wait_for("MariaDB on 127.0.0.1:%d" % port, lambda: my_greeting(port) is not None, 10, proc)
+            t0 = time.monotonic()
+            wait_for("MariaDB on %s" % sock, lambda: my_greeting(sock) is not None, timeout, proc)
+            wait_for("MariaDB on 127.0.0.1:%d" % port, lambda: my_greeting(port) is not None,
+                     min(10, max(0.5, timeout - (time.monotonic() - t0))), proc)
             return proc, port
         except LabError as e:
             try:
@@ -489,6 +501,17 @@ def wait_mysqld(d, proc, port, may_retry, state):
                 continue
             raise LabError("%s\n%s" % (e, tail))
     raise LabError("MariaDB did not start")
+
+
+def launch_sts(d, port, state):
+    """Launch the STS emulator on 127.0.0.1:port (0: a free one, written to DIR/sts.port) in its own session."""
+    p = lambda *n: os.path.join(d, *n)  # noqa: E731
+    with open(p("sts.out"), "ab") as out:
+        sts = subprocess.Popen([PY, "-I", p("sts.py"), "--conf", p("lab.json"), "--port", str(port),
+                                "--port-file", p("sts.port")], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
+                               stderr=out, start_new_session=True)
+    state.save(sts_pid=sts.pid)
+    return sts
 
 
 def mysqld_pids(d):
@@ -681,11 +704,7 @@ def _start(a, d, p, state):
     write(p("lab.json"), json.dumps(conf, indent=1) + "\n")
 
     # 6. STS emulator (own session / process group; stdout+stderr to DIR/sts.out)
-    with open(p("sts.out"), "ab") as out:
-        sts = subprocess.Popen([PY, "-I", p("sts.py"), "--conf", p("lab.json"), "--port", "0",
-                                "--port-file", p("sts.port")], cwd=d, stdin=subprocess.DEVNULL, stdout=out,
-                               stderr=out, start_new_session=True)
-    state.save(sts_pid=sts.pid)
+    sts = launch_sts(d, 0, state)
 
     # 7. PAM service file (the only thing written outside DIR)
     pam_file = os.path.join(PAM_DIR, pam_service)
@@ -811,6 +830,22 @@ def any_alive(d, st):
     return bool(sts or pm or mysqld_pids(d))
 
 
+def kill_sts(sts):
+    """End the STS emulator (the leader of its own process group): SIGTERM, SIGKILL after 3 s."""
+    try:
+        os.killpg(sts, signal.SIGTERM)
+    except OSError:
+        pass
+    deadline = time.monotonic() + 3
+    while pid_alive(sts) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if pid_alive(sts):
+        try:
+            os.killpg(sts, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def stop_lab(d, quiet=False):
     st = load_json(os.path.join(d, "state.json"))
     if st is None:
@@ -837,15 +872,7 @@ def stop_lab(d, quiet=False):
                 os.kill(pm, signal.SIGKILL)
         say("PostgreSQL stopped")
     if sts:
-        try:
-            os.killpg(sts, signal.SIGTERM)
-        except OSError:
-            pass
-        deadline = time.monotonic() + 3
-        while pid_alive(sts) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        if pid_alive(sts):
-            os.killpg(sts, signal.SIGKILL)
+        kill_sts(sts)
         say("STS stopped")
     if mys:
         deadline = time.monotonic() + 30
@@ -934,6 +961,270 @@ def status(a):
     return 3 if not (sts or pm or pam or mys) else 1
 
 
+# --------------------------------------------------------------------------- restart / stop-service / start-service
+@contextlib.contextmanager
+def lab_lock(d):
+    """One restart / service change at a time per lab (DIR/lab.lock)."""
+    with open(os.path.join(d, "lab.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def running_lab(a):
+    d = os.path.abspath(a.dir)
+    st = load_json(os.path.join(d, "state.json"))
+    conf = load_json(os.path.join(d, "lab.json"))
+    if st is None or conf is None or st.get("status") != "running":
+        raise LabError("no running lab in %s (state: %s)" % (d, (st or {}).get("status", "absent")))
+    return d, st, conf
+
+
+def update_lab_json(d, section, **kw):
+    """Re-read lab.json and set keys of one section (so edits made by tests meanwhile are kept)."""
+    path = os.path.join(d, "lab.json")
+    conf = load_json(path)
+    if conf is None:
+        raise LabError("cannot read %s" % path)
+    conf[section].update(kw)
+    write(path, json.dumps(conf, indent=1) + "\n")
+
+
+def left(deadline):
+    return max(1.0, deadline - time.monotonic())
+
+
+def wait_dead(pids, until, what):
+    while any(pid_alive(x) for x in pids):
+        if time.monotonic() > until:
+            raise LabError("%s: %s still alive" % (what, [x for x in pids if pid_alive(x)]))
+        time.sleep(0.01)
+
+
+def drop_stale_locks(pid, files):
+    """Remove the lock files (postmaster.pid, .s.PGSQL.N.lock) of a postmaster that is dead but maybe not yet
+    reaped: its parent is init, which here reaps about 1.5 s later, and until then kill(pid, 0) succeeds, so a new
+    postmaster would refuse the lock files ("Is another postmaster (PID N) running"). The shared memory of the dead
+    one has no attached process left; the new postmaster removes it itself."""
+    for f in files:
+        try:
+            with open(f) as fh:
+                if int(fh.readline()) != pid or pid_alive(pid):
+                    continue
+            os.unlink(f)
+        except (OSError, ValueError):
+            pass
+
+
+def children(ppid):
+    out = []
+    for x in os.listdir("/proc"):
+        if x.isdigit():
+            try:
+                with open("/proc/%s/stat" % x) as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == ppid:
+                        out.append(int(x))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def iam_smoke(d, conf, engine, timeout):
+    """One IAM login (token signed with the base key) through TLS, PAM and the verifier."""
+    master = open(conf["master_secret_file"], "rb").read().strip()
+    akid = conf["base"]["access_key_id"]
+    port = conf[engine]["port"]
+    t = max(1, min(10, int(timeout)))
+    if engine == "postgres":
+        tok = sign_token(akid, derive_secret(master, akid), "localhost:%d" % port, IAM_USER, conf["region"])
+        r = run([PGBIN + "/psql", "-X", "-At", "-c", "select current_user",
+                 "host=localhost port=%d user=%s dbname=postgres sslmode=verify-full sslrootcert=%s"
+                 % (port, IAM_USER, conf["ca_file"])], env=dict(os.environ, PGPASSWORD=tok, PGCONNECT_TIMEOUT=str(t)),
+                check=False, timeout=t + 5)
+        ok = r.returncode == 0 and r.stdout.strip() == IAM_USER
+    else:
+        tok = sign_token(akid, derive_secret(master, akid), "127.0.0.1:%d" % port, IAM_USER, conf["region"])
+        r = run([MARIADB, "--no-defaults", "--host=127.0.0.1", "--port=%d" % port, "--user=" + IAM_USER, "--ssl",
+                 "--ssl-ca=" + conf["ca_file"], "--ssl-verify-server-cert", "--connect-timeout=%d" % t, "--batch",
+                 "--skip-column-names", "-e", "select current_user()"], env=dict(os.environ, MYSQL_PWD=tok),
+                check=False, timeout=t + 5)
+        ok = r.returncode == 0 and r.stdout.strip() == IAM_USER + "@%"
+    if not ok:
+        raise LabError("IAM login on %s after the restart failed: %s (see %s, %s)"
+                       % (engine, r.stdout.strip(), conf["verifier"]["log"], conf["verifier"]["pam_log"]))
+
+
+def restart_postgres(d, st, conf, mode, deadline):
+    pg = conf["postgres"]
+    data, port, log = pg["data_dir"], pg["port"], pg["log"]
+    _, pm = lab_pids(d, st)
+
+    def pg_ctl(*args):
+        return run(as_pg([PGBIN + "/pg_ctl", "-D", data, "-l", log, "-w", "-t", str(int(left(deadline)))]
+                         + list(args)), cwd=d, check=False, timeout=left(deadline) + 5)
+    if pm and mode in ("fast", "immediate"):
+        # fast: SIGTERM to the postmaster, every backend sends FATAL 57P01 "terminating connection due to
+        # administrator command"; immediate: SIGQUIT, backends send FATAL 57P01 "... due to immediate shutdown
+        # command" and the next start runs crash recovery
+        r = pg_ctl("-m", mode, "restart")
+    else:
+        if pm:
+            # the backends are session leaders of their own (InitPostmasterChild): killpg(pm) would miss them, and a
+            # backend that outlives its postmaster sends FATAL "terminating connection due to unexpected postmaster
+            # exit". So: freeze the postmaster (no new forks, no reaction), SIGKILL its children, then it.
+            os.kill(pm, signal.SIGSTOP)
+            kids = children(pm)
+            for pid in kids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            os.kill(pm, signal.SIGKILL)
+            # the old shared memory must be detached by all before a new postmaster starts
+            wait_dead([pm] + kids, min(deadline, time.monotonic() + 10), "SIGKILLed PostgreSQL processes")
+            drop_stale_locks(pm, [os.path.join(data, "postmaster.pid"),
+                                  os.path.join(pg["socket_dir"], ".s.PGSQL.%d.lock" % port)])
+            say("PostgreSQL: SIGKILLed postmaster %d and %d children" % (pm, len(kids)))
+        else:
+            say("PostgreSQL was not running: starting it")
+        r = pg_ctl("start")
+    if r.returncode != 0:
+        try:
+            tail = open(log, errors="replace").read()[-2000:]
+        except OSError:
+            tail = ""
+        raise LabError("pg_ctl %s failed or timed out (%d):\n%s\n%s" % (
+            "start" if mode == "kill" or not pm else "restart -m " + mode, r.returncode, r.stdout.strip(), tail))
+    r = run([PGBIN + "/pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port), "-t", str(int(left(deadline)))],
+            check=False, timeout=left(deadline) + 5)
+    if r.returncode != 0:
+        raise LabError("PostgreSQL on 127.0.0.1:%d not ready after the restart (pg_isready %d)" % (port, r.returncode))
+    _, new = lab_pids(d, st)
+    if not new:
+        raise LabError("PostgreSQL answers but %s/postmaster.pid names no live postmaster" % data)
+    update_lab_json(d, "postgres", pid=new)
+    return pm, new
+
+
+def restart_mysql(d, st, conf, mode, deadline):
+    if mode == "immediate":
+        raise LabError("--mode immediate is for postgres; mysql has fast (SIGTERM, clean shutdown) and kill")
+    port = conf["mysql"]["port"]
+    old = mysqld_pids(d)
+    if old:
+        sig = signal.SIGKILL if mode == "kill" else signal.SIGTERM
+        for pid in old:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        if mode == "fast":
+            try:
+                wait_dead(old, min(deadline - 5, time.monotonic() + 30), "mariadbd after SIGTERM")
+            except LabError as e:
+                say("%s: SIGKILL" % e)
+                for pid in old:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+        wait_dead(old, min(deadline, time.monotonic() + 10), "mariadbd")
+        say("MariaDB %d stopped (%s)" % (old[0], "SIGKILL" if mode == "kill" else "SIGTERM"))
+    else:
+        say("MariaDB was not running: starting it")
+    state = State(d)
+    proc = launch_mysqld(d, state)  # same my.cnf: same port, socket, datadir
+    wait_mysqld(d, proc, port, False, state, timeout=left(deadline))
+    update_lab_json(d, "mysql", pid=proc.pid)
+    return (old[0] if len(old) == 1 else (old or None)), proc.pid
+
+
+def restart(a):
+    d, st, conf = running_lab(a)
+    if a.engine not in conf:
+        raise LabError("this lab has no %s (started with --no-mysql?)" % a.engine)
+    t0 = time.monotonic()
+    deadline = t0 + a.timeout
+    with lab_lock(d):
+        try:
+            fn = restart_postgres if a.engine == "postgres" else restart_mysql
+            old, new = fn(d, st, conf, a.mode, deadline)
+            up = time.monotonic() - t0
+            if not a.no_smoke:
+                iam_smoke(d, conf, a.engine, left(deadline))
+        except subprocess.TimeoutExpired as e:
+            raise LabError("%s restart (%s) not done within %g s: %s" % (a.engine, a.mode, a.timeout, e))
+        except LabError as e:
+            raise LabError("%s restart (%s) failed after %.1f s: %s" % (a.engine, a.mode, time.monotonic() - t0, e))
+    total = time.monotonic() - t0
+    say("%s restarted (%s) in %.2f s: pid %s -> %d" % (a.engine, a.mode, total, old, new))
+    print(json.dumps({"engine": a.engine, "mode": a.mode, "old_pid": old, "pid": new,
+                      "port": conf[a.engine]["port"], "ready_seconds": round(up, 3),
+                      "seconds": round(total, 3), "smoke": not a.no_smoke}))
+    return 0
+
+
+def stop_service(a):
+    d, st, conf = running_lab(a)
+    with lab_lock(d):
+        sts, _ = lab_pids(d, load_json(os.path.join(d, "state.json")) or st)
+        if sts:
+            kill_sts(sts)
+            say("STS %d stopped (port %s is now closed)" % (sts, conf["sts"]["port"]))
+        else:
+            say("STS was not running")
+        State(d).save(sts_pid=None)
+        update_lab_json(d, "sts", pid=None)
+    print(json.dumps({"service": "sts", "running": False, "old_pid": sts, "port": conf["sts"]["port"]}))
+    return 0
+
+
+def start_service(a):
+    d, st, conf = running_lab(a)
+    port = conf["sts"]["port"]
+    t0 = time.monotonic()
+    deadline = t0 + a.timeout
+    with lab_lock(d):
+        state = State(d)
+        sts, _ = lab_pids(d, state.data)
+        healthy = False
+        if sts:
+            try:
+                healthy = http_ok(port)
+            except OSError:
+                pass
+        if sts and healthy:
+            say("STS already running (pid %d)" % sts)
+        else:
+            if sts:  # alive but not answering: replace it
+                kill_sts(sts)
+            while True:  # the same port; retry while someone else briefly holds it
+                proc = launch_sts(d, port, state)
+                try:
+                    wait_for("STS health on 127.0.0.1:%d" % port, lambda: http_ok(port),
+                             min(10, left(deadline)), proc)
+                    break
+                except LabError as e:
+                    if proc.poll() is None:
+                        kill_sts(proc.pid)
+                    if time.monotonic() + 0.5 > deadline:
+                        try:
+                            tail = open(os.path.join(d, "sts.out"), errors="replace").read()[-1500:]
+                        except OSError:
+                            tail = ""
+                        raise LabError("STS did not come back on 127.0.0.1:%d within %g s: %s\n%s"
+                                       % (port, a.timeout, e, tail))
+                    time.sleep(0.2)
+            sts = proc.pid
+            update_lab_json(d, "sts", pid=sts)
+            say("STS %d up on 127.0.0.1:%d in %.2f s" % (sts, port, time.monotonic() - t0))
+    print(json.dumps({"service": "sts", "running": True, "pid": sts, "port": port,
+                      "seconds": round(time.monotonic() - t0, 3)}))
+    return 0
+
+
 def token(a):
     conf = load_json(os.path.join(os.path.abspath(a.dir), "lab.json"))
     if not conf:
@@ -982,6 +1273,20 @@ def main():
     t.add_argument("--user", default=IAM_USER)
     t.add_argument("--endpoint")
     t.add_argument("--region")
+    r = sub.add_parser("restart", help="emulate an RDS failover/reboot of one engine (same port, data, PAM service)")
+    r.add_argument("--dir", required=True)
+    r.add_argument("--engine", choices=["postgres", "mysql"], required=True)
+    r.add_argument("--mode", choices=["fast", "immediate", "kill"], default="fast",
+                   help="fast: clean shutdown (PostgreSQL sends FATAL 57P01); immediate: pg_ctl -m immediate "
+                        "(postgres only); kill: SIGKILL, no goodbye, crash recovery")
+    r.add_argument("--timeout", type=float, default=60, help="give up after this many seconds (default 60)")
+    r.add_argument("--no-smoke", action="store_true", help="skip the IAM login after the restart")
+    for name in ("stop-service", "start-service"):
+        x = sub.add_parser(name, help="%s one lab service on its port (for outage tests)" % name.split("-")[0])
+        x.add_argument("--dir", required=True)
+        x.add_argument("--service", choices=["sts"], required=True)
+        if name == "start-service":
+            x.add_argument("--timeout", type=float, default=60, help="give up after this many seconds")
     w = sub.add_parser("web-token", help="print a web identity JWT signed for this lab (for tests)")
     w.add_argument("--dir", required=True)
     w.add_argument("--expires-in", type=int, default=WEB_TOKEN_SECONDS, help="seconds; negative = already expired")
@@ -992,7 +1297,8 @@ def main():
     if a.cmd == "start" and not 60 <= a.sts_min_duration <= 900:
         ap.error("--sts-min-duration must be within 60..900")
     try:
-        return {"start": start, "stop": stop, "status": status, "token": token, "web-token": web_token}[a.cmd](a)
+        return {"start": start, "stop": stop, "status": status, "token": token, "web-token": web_token,
+                "restart": restart, "stop-service": stop_service, "start-service": start_service}[a.cmd](a)
     except LabError as e:
         say("ERROR: %s" % e)
         return 1

@@ -87,6 +87,16 @@ pub fn describe(f: &Failure, t: &Target) -> (u16, String, String) {
                 t.name
             ),
         ),
+        Failure::ServerLost => (
+            CR_SERVER_LOST,
+            "HY000".into(),
+            "Lost connection to MySQL server (rds-iam-proxy: the database closed the connection; reconnect)".into(),
+        ),
+        Failure::Idle(d) => (
+            CR_SERVER_LOST,
+            "HY000".into(),
+            format!("Lost connection to MySQL server (rds-iam-proxy idle_timeout = {} s)", d.as_secs()),
+        ),
         Failure::Forward { .. } => (CR_SERVER_LOST, "HY000".into(), String::new()),
     }
 }

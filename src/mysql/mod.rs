@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 use crate::proxy::{client_within, within, TargetRuntime};
-use crate::relay::{relay, End, Relayed};
+use crate::relay::{relay, End, Relayed, Watch};
 use crate::session::Session;
 use backend::ChangeUserTail;
 use wire::{packet, read_packet, ChangeUserWatch};
@@ -110,15 +110,14 @@ async fn run(
     };
     let mut pending = buf;
     loop {
-        let mut watch = ChangeUserWatch::default();
-        let (moved, end) = relay(
-            client,
-            &mut upstream.stream,
-            &pending,
-            Some(&mut watch),
-            Some(&session.meter),
-        )
-        .await;
+        let mut change_user_watch = ChangeUserWatch::default();
+        let watch = Watch {
+            up: Some(&mut change_user_watch),
+            meter: Some(&session.meter),
+            idle: cfg.idle_timeout,
+            ..Watch::default()
+        };
+        let (moved, end) = relay(client, &mut upstream.stream, &pending, watch).await;
         total.client_to_server += moved.client_to_server;
         total.server_to_client += moved.server_to_client;
         match end {
@@ -142,6 +141,10 @@ async fn run(
                     ));
                 }
                 pending = rest;
+            }
+            // COM_QUIT: the server closing is the normal end.
+            End::ServerClosed if change_user_watch.last_command == 0x01 => {
+                return Ok((total, None))
             }
             other => return Ok((total, other.error())),
         }

@@ -67,6 +67,8 @@ pub async fn write_packet<S: AsyncWrite + Unpin>(
 pub struct ChangeUserWatch {
     /// Bytes of the current packet still to pass.
     skip: usize,
+    /// The last command the client sent (COM_QUIT = 1 means the server will close).
+    pub last_command: u8,
 }
 
 impl Inspect for ChangeUserWatch {
@@ -92,6 +94,7 @@ impl Inspect for ChangeUserWatch {
                 if rest[4] == COM_CHANGE_USER {
                     return Verdict::Stop(at);
                 }
+                self.last_command = rest[4];
             }
             self.skip = 4 + len;
         }

@@ -107,6 +107,21 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
             None,
             Some("raise max_connections for the target, or close idle clients".into()),
         ),
+        Failure::ServerLost => (
+            "08006".into(),
+            "rds-iam-proxy: the database closed the connection (restart or failover?)".into(),
+            None,
+            Some("reconnect; new connections go to the server the endpoint name points at now".into()),
+        ),
+        Failure::Idle(d) => (
+            "57P05".into(),
+            format!(
+                "terminating connection due to idle timeout (rds-iam-proxy idle_timeout = {} s)",
+                d.as_secs()
+            ),
+            None,
+            None,
+        ),
         Failure::Forward { .. } => ("XX000".into(), String::new(), None, None),
     }
 }

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 use crate::proxy::{client_within, within, TargetRuntime};
-use crate::relay::{relay, Relayed};
+use crate::relay::{relay, End, Relayed, Watch};
 use crate::session::Session;
 use cancel::CancelRegistry;
 use frontend::Opening;
@@ -115,14 +115,30 @@ async fn run(
         .inc_by(upstream.to_client.len() as u64);
     session.ready();
     // Anything the client pipelined behind its startup message goes first.
-    let (mut relayed, end) = relay(
-        client,
-        &mut upstream.stream,
-        client_buf,
-        None,
-        Some(&session.meter),
-    )
-    .await;
+    let mut boundaries = wire::Boundaries::default();
+    let mut from_client = wire::Boundaries::default();
+    let watch = Watch {
+        up: Some(&mut from_client),
+        down: Some(&mut boundaries),
+        meter: Some(&session.meter),
+        idle: target.cfg.idle_timeout,
+    };
+    let (mut relayed, end) = relay(client, &mut upstream.stream, client_buf, watch).await;
     relayed.server_to_client += upstream.to_client.len() as u64;
+    // The server closing after the client's Terminate is the normal end.
+    let end = match end {
+        End::ServerClosed if from_client.terminated() => End::ClientClosed,
+        other => other,
+    };
+    // Say why the session ends, if the client is still there and between two messages.
+    let goodbye = match &end {
+        _ if !boundaries.at_boundary() => None,
+        End::ServerClosed | End::ServerError(_) => Some(Failure::ServerLost),
+        End::Idle => Some(Failure::Idle(target.cfg.idle_timeout.unwrap_or_default())),
+        _ => None,
+    };
+    if let Some(f) = goodbye {
+        let _ = client.write_all(&error::encode(&f, &target.cfg)).await;
+    }
     Ok((relayed, end.error()))
 }

@@ -3,6 +3,56 @@
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::relay::{Inspect, Verdict};
+
+/// Follows message boundaries in the server's stream (passing everything), so the proxy
+/// knows whether it may add an ErrorResponse of its own when the server goes away.
+#[derive(Default)]
+pub struct Boundaries {
+    /// Bytes of the current message still to come.
+    rest: usize,
+    /// A header split across reads.
+    header: Vec<u8>,
+    /// The type byte of the last message that started.
+    last_type: u8,
+}
+
+impl Boundaries {
+    pub fn at_boundary(&self) -> bool {
+        self.rest == 0 && self.header.is_empty()
+    }
+
+    /// On the client's stream: it sent Terminate, so the server closing is the normal end.
+    pub fn terminated(&self) -> bool {
+        self.last_type == b'X'
+    }
+}
+
+impl Inspect for Boundaries {
+    fn inspect(&mut self, data: &[u8]) -> Verdict {
+        let mut at = 0;
+        while at < data.len() {
+            if self.rest > 0 {
+                let take = self.rest.min(data.len() - at);
+                self.rest -= take;
+                at += take;
+                continue;
+            }
+            let need = 5 - self.header.len();
+            let take = need.min(data.len() - at);
+            self.header.extend_from_slice(&data[at..at + take]);
+            at += take;
+            if self.header.len() == 5 {
+                self.last_type = self.header[0];
+                let len = (&self.header[1..5]).get_i32().max(4) as usize;
+                self.rest = len - 4;
+                self.header.clear();
+            }
+        }
+        Verdict::Pass(data.len())
+    }
+}
+
 /// Read until `buf` holds one whole tagged message; split it off (tag + length + body).
 /// `Ok(None)` means the peer closed cleanly before a message started.
 pub async fn read_message<S: AsyncRead + Unpin>(
@@ -57,6 +107,18 @@ pub fn rewrite_backend_key(msgs: &mut BytesMut, pid: i32, secret: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boundaries_follow_split_messages() {
+        let mut b = Boundaries::default();
+        let msg = [b'D', 0, 0, 0, 8, 1, 2, 3, 4];
+        for split in 0..msg.len() {
+            assert_eq!(b.inspect(&msg[..split]), Verdict::Pass(split));
+            assert_eq!(b.at_boundary(), split == 0, "split {split}");
+            b.inspect(&msg[split..]);
+            assert!(b.at_boundary());
+        }
+    }
 
     #[test]
     fn rewrites_only_the_key() {

@@ -207,6 +207,9 @@ impl ProxyProcess {
             format!("[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{config}")
         };
         std::fs::write(&cfg, &config).unwrap();
+        // It holds the lab's static keys: private, as a real one should be.
+        std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let log_path = dir.join("proxy.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rds-iam-proxy"));
