@@ -97,6 +97,8 @@ pub struct TargetConfig {
     /// Allow a non-loopback `listen`: whoever reaches it gets a session as `db_user`.
     #[serde(default)]
     pub allow_remote: bool,
+    /// Mode of a unix-socket listener, octal (default "0660").
+    pub socket_mode: Option<String>,
     pub host: String,
     pub port: Option<u16>,
     pub connect_to: Option<String>,
@@ -140,6 +142,22 @@ pub struct RoleHopConfig {
     pub external_id: Option<String>,
     pub session_name: Option<String>,
     pub session_duration: Option<u64>,
+}
+
+/// Where a target listens: a TCP address, or a unix socket (`unix:/path`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// Where base credentials come from.
@@ -206,7 +224,9 @@ impl CredentialSpec {
 pub struct Target {
     pub name: String,
     pub engine: Engine,
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// Permissions of a unix-socket listener.
+    pub socket_mode: u32,
     pub host: String,
     pub port: u16,
     /// The address dialed: `connect_to` if set, else `host:port`.
@@ -303,7 +323,7 @@ impl Config {
                     target.name
                 )));
             }
-            if let Some(prev) = listens.insert(target.listen, target.name.clone()) {
+            if let Some(prev) = listens.insert(target.listen.clone(), target.name.clone()) {
                 return Err(err(format!(
                     "config {origin}: targets \"{prev}\" and \"{}\" both listen on {}; give each target its own `listen` address",
                     target.name, target.listen
@@ -318,7 +338,7 @@ impl Config {
                     file.admin.listen
                 ))
             })?;
-            if let Some(t) = targets.iter().find(|t| t.listen == addr) {
+            if let Some(t) = targets.iter().find(|t| t.listen == ListenAddr::Tcp(addr)) {
                 return Err(err(format!(
                     "config {origin}: [admin] listen = {addr} is also target \"{}\"'s listen address; give the admin endpoint its own port",
                     t.name
@@ -378,18 +398,43 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
     if t.name.trim().is_empty() {
         return Err("`name` is empty; give the target a short label such as \"orders\"".into());
     }
-    let listen: SocketAddr = t.listen.parse().map_err(|_| {
-        format!(
-            "`listen` = \"{}\" is not an IP:PORT address; use e.g. \"127.0.0.1:6432\"",
-            t.listen
-        )
-    })?;
-    if !listen.ip().is_loopback() && !t.allow_remote {
-        return Err(format!(
-            "`listen` = \"{}\" is not a loopback address: anyone who reaches it gets a database session as `db_user` without a password; listen on 127.0.0.1, or set allow_remote = true if only trusted hosts can reach it",
-            t.listen
-        ));
-    }
+    let listen = match t.listen.strip_prefix("unix:") {
+        Some(path) => {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "`listen` = \"{}\": a unix socket needs an absolute path, e.g. \"unix:/run/rds-iam-proxy/orders.sock\"",
+                    t.listen
+                ));
+            }
+            ListenAddr::Unix(PathBuf::from(path))
+        }
+        None => {
+            let addr: SocketAddr = t.listen.parse().map_err(|_| {
+                format!(
+                    "`listen` = \"{}\" is not an IP:PORT address or unix:/path; use e.g. \"127.0.0.1:6432\"",
+                    t.listen
+                )
+            })?;
+            if !addr.ip().is_loopback() && !t.allow_remote {
+                return Err(format!(
+                    "`listen` = \"{}\" is not a loopback address: anyone who reaches it gets a database session as `db_user` without a password; listen on 127.0.0.1, or set allow_remote = true if only trusted hosts can reach it",
+                    t.listen
+                ));
+            }
+            ListenAddr::Tcp(addr)
+        }
+    };
+    let socket_mode = match &t.socket_mode {
+        None => 0o660,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 => v,
+            _ => {
+                return Err(format!(
+                    "`socket_mode` = \"{m}\" is not an octal file mode such as \"0660\""
+                ))
+            }
+        },
+    };
     if t.host.trim().is_empty() || t.host.contains(':') || t.host.contains('/') {
         return Err(format!(
             "`host` = \"{}\" must be the bare RDS endpoint name (no port, no scheme), e.g. \"orders.abc123.us-east-1.rds.amazonaws.com\"",
@@ -513,6 +558,7 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         name: t.name,
         engine: t.engine,
         listen,
+        socket_mode,
         host: t.host.to_ascii_lowercase(),
         port,
         dial,

@@ -6,6 +6,7 @@ pub mod aws;
 pub mod check;
 pub mod config;
 pub mod failure;
+pub mod listener;
 pub mod metrics;
 pub mod mysql;
 pub mod postgres;

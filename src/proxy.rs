@@ -3,19 +3,18 @@
 //! stopped by address, targets swapped, while open sessions keep running on what they had.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
 use crate::aws::{CredentialChain, TokenCache, TokenEntry, TokenKey};
-use crate::config::{Config, CredentialSpec, Engine, Target};
+use crate::config::{Config, CredentialSpec, Engine, ListenAddr, Target};
 use crate::failure::Failure;
+use crate::listener::Listener;
 use crate::metrics::{metrics, TargetLabels};
 use crate::postgres;
 
@@ -107,7 +106,7 @@ pub struct Proxy {
     chains: Mutex<HashMap<CredentialSpec, CredentialChain>>,
     cancels: Arc<postgres::cancel::CancelRegistry>,
     targets: RwLock<Vec<Arc<TargetRuntime>>>,
-    listeners: tokio::sync::Mutex<HashMap<SocketAddr, Listening>>,
+    listeners: tokio::sync::Mutex<HashMap<ListenAddr, Listening>>,
     sessions: TaskTracker,
 }
 
@@ -183,17 +182,21 @@ impl Proxy {
         let mut fresh = Vec::new();
         for t in &runtimes {
             if !listeners.contains_key(&t.cfg.listen) {
-                let l = TcpListener::bind(t.cfg.listen).await.map_err(|e| {
-                    format!(
+                let l = Listener::bind(&t.cfg.listen, t.cfg.socket_mode)
+                    .await
+                    .map_err(|e| {
+                        format!(
                         "target \"{}\": cannot listen on {}: {e}; pick a free address for `listen`",
                         t.cfg.name, t.cfg.listen
                     )
-                })?;
+                    })?;
                 fresh.push((t.clone(), l));
             }
         }
-        let wanted: HashMap<SocketAddr, Arc<TargetRuntime>> =
-            runtimes.iter().map(|t| (t.cfg.listen, t.clone())).collect();
+        let wanted: HashMap<ListenAddr, Arc<TargetRuntime>> = runtimes
+            .iter()
+            .map(|t| (t.cfg.listen.clone(), t.clone()))
+            .collect();
         listeners.retain(|addr, l| match wanted.get(addr) {
             Some(t) => {
                 l.target.send_replace(t.clone());
@@ -209,7 +212,7 @@ impl Proxy {
             tracing::info!(target = %t.cfg.name, engine = t.cfg.engine.as_str(), listen = %t.cfg.listen, upstream = %t.cfg.dial, endpoint = %format!("{}:{}", t.cfg.host, t.cfg.port), "listening");
             let (tx, rx) = watch::channel(t.clone());
             let task = tokio::spawn(accept_loop(self.clone(), rx, l));
-            listeners.insert(t.cfg.listen, Listening { target: tx, task });
+            listeners.insert(t.cfg.listen.clone(), Listening { target: tx, task });
         }
         *self.targets.write().unwrap() = runtimes;
         Ok(())
@@ -271,12 +274,11 @@ impl Proxy {
 async fn accept_loop(
     proxy: Arc<Proxy>,
     target: watch::Receiver<Arc<TargetRuntime>>,
-    listener: TcpListener,
+    listener: Listener,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                crate::upstream::tune(&stream);
                 let target = target.borrow().clone();
                 match target.cfg.engine {
                     Engine::Postgres => {

@@ -1,7 +1,6 @@
 //! One client connection's bookkeeping, the same for both engines: the accepted/active/closed
 //! metrics, the handshake latency, live byte counters, and the open and close log lines.
 
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use prometheus_client::metrics::counter::Counter;
@@ -22,7 +21,7 @@ pub struct Meter {
 pub struct Session {
     target: String,
     engine: &'static str,
-    peer: SocketAddr,
+    peer: String,
     started: Instant,
     active: Gauge,
     pub meter: Meter,
@@ -32,7 +31,7 @@ pub struct Session {
 
 impl Session {
     /// Count the connection in. `active` is the target's gauge (shared across reloads).
-    pub fn open(cfg: &Target, peer: SocketAddr, active: Gauge) -> Session {
+    pub fn open(cfg: &Target, peer: String, active: Gauge) -> Session {
         let m = metrics();
         let labels = TargetLabels {
             target: cfg.name.clone(),

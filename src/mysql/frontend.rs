@@ -2,12 +2,12 @@
 //! version, thread id and status; its capabilities less what the proxy does not carry), and
 //! the client's HandshakeResponse, whatever auth plugin it used.
 
+use crate::listener::ClientIo;
 use bytes::BytesMut;
 use mysql_common::constants::{CapabilityFlags, MariadbCapabilities};
 use mysql_common::io::ParseBuf;
 use mysql_common::packets::{HandshakePacket, HandshakeResponse};
 use mysql_common::proto::MySerialize;
-use tokio::net::TcpStream;
 
 use super::backend::{ClientLogin, NOT_CARRIED};
 use super::wire::read_packet;
@@ -55,7 +55,7 @@ pub struct ClientHello {
 
 /// Read the client's HandshakeResponse.
 pub async fn read_response(
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     buf: &mut BytesMut,
     offered: CapabilityFlags,
 ) -> Result<ClientHello, Failure> {

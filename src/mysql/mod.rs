@@ -8,13 +8,12 @@ pub mod error;
 pub mod frontend;
 pub mod wire;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::listener::ClientIo;
 use bytes::BytesMut;
 use mysql_common::io::ParseBuf;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 use crate::proxy::{client_within, within, TargetRuntime};
@@ -24,7 +23,7 @@ use backend::ChangeUserTail;
 use wire::{packet, read_packet, ChangeUserWatch};
 
 /// Serve one client connection to its end.
-pub async fn serve(mut client: TcpStream, peer: SocketAddr, target: Arc<TargetRuntime>) {
+pub async fn serve(mut client: ClientIo, peer: String, target: Arc<TargetRuntime>) {
     let mut session = Session::open(&target.cfg, peer, target.active.clone());
     // The sequence id our next packet to the client must carry.
     let mut seq = 0u8;
@@ -41,7 +40,7 @@ pub async fn serve(mut client: TcpStream, peer: SocketAddr, target: Arc<TargetRu
 }
 
 async fn run(
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     target: &Arc<TargetRuntime>,
     session: &mut Session,
     seq: &mut u8,

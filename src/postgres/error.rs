@@ -3,11 +3,11 @@
 
 use std::collections::HashMap;
 
+use crate::listener::ClientIo;
 use bytes::{Buf, BytesMut};
 use pgwire::messages::response::ErrorResponse;
 use pgwire::messages::Message;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::config::Target;
 use crate::failure::Failure;
@@ -150,7 +150,7 @@ pub fn encode(f: &Failure, t: &Target) -> BytesMut {
 }
 
 /// Send an encoded error, then let the connection close.
-pub async fn send_raw(client: &mut TcpStream, reply: &[u8]) {
+pub async fn send_raw(client: &mut ClientIo, reply: &[u8]) {
     let _ = client.write_all(reply).await;
     let _ = client.shutdown().await;
 }

@@ -1,12 +1,12 @@
 //! The client's side of the PostgreSQL handshake: refuse SSL/GSS encryption (the client is
 //! local and plain), and read the StartupMessage or a CancelRequest.
 
+use crate::listener::ClientIo;
 use bytes::{Buf, Bytes, BytesMut};
 use pgwire::messages::cancel::CancelRequest;
 use pgwire::messages::startup::Startup;
 use pgwire::messages::{DecodeContext, Message, ProtocolVersion};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 
@@ -27,7 +27,7 @@ pub enum Opening {
 }
 
 /// Read packets until a StartupMessage or a CancelRequest arrives.
-pub async fn read_opening(client: &mut TcpStream, buf: &mut BytesMut) -> Result<Opening, Failure> {
+pub async fn read_opening(client: &mut ClientIo, buf: &mut BytesMut) -> Result<Opening, Failure> {
     loop {
         while buf.len() < 8 {
             let n = client

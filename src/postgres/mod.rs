@@ -8,12 +8,11 @@ pub mod error;
 pub mod frontend;
 mod wire;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::listener::ClientIo;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::failure::Failure;
 use crate::proxy::{client_within, within, TargetRuntime};
@@ -24,8 +23,8 @@ use frontend::Opening;
 
 /// Serve one client connection to its end.
 pub async fn serve(
-    mut client: TcpStream,
-    peer: SocketAddr,
+    mut client: ClientIo,
+    peer: String,
     target: Arc<TargetRuntime>,
     cancels: Arc<CancelRegistry>,
 ) {
@@ -67,7 +66,7 @@ pub async fn serve(
 }
 
 async fn run(
-    client: &mut TcpStream,
+    client: &mut ClientIo,
     client_buf: &mut BytesMut,
     startup: pgwire::messages::startup::Startup,
     session: &Session,
