@@ -99,6 +99,15 @@ pub struct TargetConfig {
     pub allow_remote: bool,
     /// Mode of a unix-socket listener, octal (default "0660").
     pub socket_mode: Option<String>,
+    /// Clients must prove this secret (read from the file, or the environment variable).
+    pub client_password_file: Option<PathBuf>,
+    pub client_password_env: Option<String>,
+    /// TLS toward clients: certificate chain and key (PEM).
+    pub client_tls_cert: Option<PathBuf>,
+    pub client_tls_key: Option<PathBuf>,
+    /// Refuse clients that do not use TLS.
+    #[serde(default)]
+    pub client_tls_required: bool,
     pub host: String,
     pub port: Option<u16>,
     pub connect_to: Option<String>,
@@ -142,6 +151,13 @@ pub struct RoleHopConfig {
     pub external_id: Option<String>,
     pub session_name: Option<String>,
     pub session_duration: Option<u64>,
+}
+
+/// Where a secret is read from: never the config itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
 }
 
 /// Where a target listens: a TCP address, or a unix socket (`unix:/path`).
@@ -227,6 +243,11 @@ pub struct Target {
     pub listen: ListenAddr,
     /// Permissions of a unix-socket listener.
     pub socket_mode: u32,
+    /// Where the client secret comes from, if clients must authenticate.
+    pub client_password: Option<SecretSource>,
+    /// (certificate, key) for TLS toward clients.
+    pub client_tls: Option<(PathBuf, PathBuf)>,
+    pub client_tls_required: bool,
     pub host: String,
     pub port: u16,
     /// The address dialed: `connect_to` if set, else `host:port`.
@@ -415,15 +436,41 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
                     t.listen
                 )
             })?;
-            if !addr.ip().is_loopback() && !t.allow_remote {
+            let authenticated = t.client_password_file.is_some() || t.client_password_env.is_some();
+            if !addr.ip().is_loopback() && !t.allow_remote && !authenticated {
                 return Err(format!(
-                    "`listen` = \"{}\" is not a loopback address: anyone who reaches it gets a database session as `db_user` without a password; listen on 127.0.0.1, or set allow_remote = true if only trusted hosts can reach it",
+                    "`listen` = \"{}\" is not a loopback address: anyone who reaches it gets a database session as `db_user` without a password; listen on 127.0.0.1, require client authentication (client_password_file), or set allow_remote = true if only trusted hosts can reach it",
                     t.listen
                 ));
             }
             ListenAddr::Tcp(addr)
         }
     };
+    let client_password = match (&t.client_password_file, &t.client_password_env) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "set either `client_password_file` or `client_password_env`, not both".into(),
+            )
+        }
+        (Some(f), None) => Some(SecretSource::File(f.clone())),
+        (None, Some(v)) => Some(SecretSource::Env(v.clone())),
+        (None, None) => None,
+    };
+    let client_tls = match (&t.client_tls_cert, &t.client_tls_key) {
+        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+        (None, None) => None,
+        _ => {
+            return Err(
+                "`client_tls_cert` and `client_tls_key` go together; set both or neither".into(),
+            )
+        }
+    };
+    if t.client_tls_required && client_tls.is_none() {
+        return Err("`client_tls_required` needs `client_tls_cert` and `client_tls_key`".into());
+    }
+    if t.engine == Engine::Mysql && client_password.is_some() && client_tls.is_none() {
+        return Err("MySQL client authentication (mysql_native_password, caching_sha2_password) is only offered over TLS: set `client_tls_cert` and `client_tls_key`".into());
+    }
     let socket_mode = match &t.socket_mode {
         None => 0o660,
         Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
@@ -559,6 +606,9 @@ fn validate_target(t: TargetConfig) -> Result<Target, String> {
         engine: t.engine,
         listen,
         socket_mode,
+        client_password,
+        client_tls,
+        client_tls_required: t.client_tls_required,
         host: t.host.to_ascii_lowercase(),
         port,
         dial,
@@ -837,6 +887,8 @@ YuwX2DQtMj3zOgIhAJ40x+x7TMCt9fQCsrBxm/F3oChyBrbI8P4gzkDOlr4T
         );
         let ok = format!("{open}allow_remote = true\n");
         assert!(Config::parse(&ok, "t").is_ok());
+        let authenticated = format!("{open}client_password_env = \"ORDERS_PASS\"\n");
+        assert!(Config::parse(&authenticated, "t").is_ok());
         let v6 = base("").replace("127.0.0.1:6432", "[::1]:6432");
         assert!(Config::parse(&v6, "t").is_ok());
     }

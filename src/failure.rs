@@ -46,6 +46,10 @@ pub enum Failure {
     ServerLost,
     /// The session was idle for the target's `idle_timeout`.
     Idle(std::time::Duration),
+    /// The client did not prove the target's client secret.
+    ClientAuth { user: String },
+    /// The target requires TLS from clients and this one came in plain.
+    ClientTlsRequired,
     /// The upstream broke the protocol or closed during the handshake.
     UpstreamProtocol(String),
 }
@@ -68,6 +72,8 @@ impl Failure {
             Failure::ClientProtocol(_) | Failure::ClientTimeout(_) => "client_error",
             Failure::Limit { .. } => "limit",
             Failure::ServerLost => "upstream_error",
+            Failure::ClientAuth { .. } => "auth_failed",
+            Failure::ClientTlsRequired => "client_error",
             Failure::Idle(_) => "client_error",
         }
     }
@@ -99,6 +105,8 @@ impl Failure {
             Failure::UpstreamProtocol(_) => "check that connect_to reaches a database server of the target's engine",
             Failure::Limit { .. } => "raise max_connections or close idle clients",
             Failure::ServerLost => "reconnect: new connections go to the server as DNS names it now",
+            Failure::ClientAuth { .. } => "give the client the password in the target's client_password_file",
+            Failure::ClientTlsRequired => "connect with TLS (sslmode=require, --ssl)",
             Failure::Idle(_) => "reconnect, or raise idle_timeout",
         }
     }
@@ -126,6 +134,10 @@ impl fmt::Display for Failure {
             Failure::ClientTimeout(m) => write!(f, "client timed out: {m}"),
             Failure::Limit { max } => write!(f, "too many connections (max_connections = {max})"),
             Failure::ServerLost => write!(f, "the database closed the connection"),
+            Failure::ClientAuth { user } => {
+                write!(f, "client password check failed for \"{user}\"")
+            }
+            Failure::ClientTlsRequired => write!(f, "the target requires TLS from clients"),
             Failure::Idle(d) => write!(f, "idle for {} s (idle_timeout)", d.as_secs()),
             Failure::UpstreamProtocol(m) => write!(f, "upstream protocol error: {m}"),
         }

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod aws;
 pub mod check;
+pub mod client_auth;
 pub mod config;
 pub mod failure;
 pub mod listener;

@@ -79,3 +79,73 @@ async fn clear_stale_socket(path: &Path) -> io::Result<()> {
     }
     std::fs::remove_file(path)
 }
+
+/// Turn a plain client stream into a TLS one (the engine has answered the client's
+/// request for TLS). `early` holds bytes already read that belong to the TLS handshake
+/// (MySQL clients start it right after their SSLRequest, with no answer to wait for).
+pub async fn upgrade(
+    client: &mut ClientIo,
+    acceptor: &tokio_rustls::TlsAcceptor,
+    early: bytes::BytesMut,
+) -> Result<(), crate::failure::Failure> {
+    let placeholder: ClientIo = Box::new(tokio::io::join(tokio::io::empty(), tokio::io::sink()));
+    let plain = std::mem::replace(client, placeholder);
+    let plain: ClientIo = if early.is_empty() {
+        plain
+    } else {
+        Box::new(Prefixed {
+            early,
+            inner: plain,
+        })
+    };
+    let tls = acceptor.accept(plain).await.map_err(|e| {
+        crate::failure::Failure::ClientProtocol(format!(
+            "TLS handshake with the client failed: {e}"
+        ))
+    })?;
+    *client = Box::new(tls);
+    Ok(())
+}
+
+/// A stream that first yields bytes already read from it.
+struct Prefixed {
+    early: bytes::BytesMut,
+    inner: ClientIo,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

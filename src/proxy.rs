@@ -59,6 +59,10 @@ pub struct TargetRuntime {
     pub tokens: Arc<TokenEntry>,
     /// Open connections of this target (the metric's gauge, kept across reloads).
     pub active: Gauge,
+    /// TLS toward clients, when configured.
+    pub client_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The secret clients must prove, when configured.
+    pub client_secret: Option<Arc<crate::client_auth::ClientSecret>>,
 }
 
 impl TargetRuntime {
@@ -158,6 +162,26 @@ impl Proxy {
             };
             let tokens = self.cache.entry(key, Arc::new(chain));
             tokens.add_target(&t.name);
+            let client_tls = match &t.client_tls {
+                Some((cert, key)) => Some(tokio_rustls::TlsAcceptor::from(
+                    crate::tls::server_config(cert, key)
+                        .map_err(|e| format!("target \"{}\": {e}", t.name))?,
+                )),
+                None => None,
+            };
+            let client_secret = match &t.client_password {
+                Some(source) => {
+                    let (file, env) = match source {
+                        crate::config::SecretSource::File(f) => (Some(f.as_path()), None),
+                        crate::config::SecretSource::Env(v) => (None, Some(v.as_str())),
+                    };
+                    Some(
+                        crate::client_auth::ClientSecret::load(file, env)
+                            .map_err(|e| format!("target \"{}\": {e}", t.name))?,
+                    )
+                }
+                None => None,
+            };
             let active = metrics().active.get_or_create_owned(&TargetLabels {
                 target: t.name.clone(),
                 engine: t.engine.as_str().to_string(),
@@ -168,6 +192,8 @@ impl Proxy {
                 server_name,
                 tokens,
                 active,
+                client_tls,
+                client_secret,
             }));
         }
         Ok(out)

@@ -60,6 +60,31 @@ pub fn client_config(ca_file: &Path, mode: TlsMode) -> Result<Arc<ClientConfig>,
     Ok(Arc::new(config))
 }
 
+/// The rustls server config for TLS toward clients.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::PrivateKeyDer;
+    let pem = std::fs::read(cert)
+        .map_err(|e| format!("cannot read client_tls_cert {}: {e}", cert.display()))?;
+    let chain = parse_certificates(&pem)?;
+    if chain.is_empty() {
+        return Err(format!(
+            "client_tls_cert {} holds no certificate",
+            cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read client_tls_key {}: {e}", key.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            format!("client_tls_cert and client_tls_key do not make a usable pair: {e}")
+        })?;
+    Ok(Arc::new(config))
+}
+
 pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
     ServerName::try_from(host.to_string())
         .map_err(|e| format!("invalid TLS server name {host}: {e}"))

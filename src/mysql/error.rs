@@ -15,6 +15,7 @@ const CR_SERVER_LOST: u16 = 2013;
 const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 const ER_HANDSHAKE_ERROR: u16 = 1043;
 const ER_CON_COUNT_ERROR: u16 = 1040;
+const ER_SECURE_TRANSPORT_REQUIRED: u16 = 3159;
 
 /// (error number, SQL state, message) for a failure on `target`.
 pub fn describe(f: &Failure, t: &Target) -> (u16, String, String) {
@@ -96,6 +97,16 @@ pub fn describe(f: &Failure, t: &Target) -> (u16, String, String) {
             CR_SERVER_LOST,
             "HY000".into(),
             format!("Lost connection to MySQL server (rds-iam-proxy idle_timeout = {} s)", d.as_secs()),
+        ),
+        Failure::ClientAuth { user } => (
+            ER_ACCESS_DENIED_ERROR,
+            "28000".into(),
+            format!("Access denied for user '{user}' (using password: YES)"),
+        ),
+        Failure::ClientTlsRequired => (
+            ER_SECURE_TRANSPORT_REQUIRED,
+            "HY000".into(),
+            format!("Connections using insecure transport are prohibited (rds-iam-proxy: target \"{}\" requires TLS; use --ssl)", t.name),
         ),
         Failure::Forward { .. } => (CR_SERVER_LOST, "HY000".into(), String::new()),
     }

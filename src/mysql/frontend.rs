@@ -23,18 +23,22 @@ const MARIADB_CARRIED: MariadbCapabilities = MariadbCapabilities::MARIADB_CLIENT
     .union(MariadbCapabilities::MARIADB_CLIENT_CACHE_METADATA)
     .union(MariadbCapabilities::MARIADB_CLIENT_BULK_UNIT_RESULTS);
 
-/// The greeting for the client and the capabilities it offers.
-pub fn greeting(upstream: &HandshakePacket<'_>) -> (Vec<u8>, CapabilityFlags) {
-    let offered = (upstream.capabilities() - NOT_CARRIED) | CapabilityFlags::CLIENT_PLUGIN_AUTH;
-    let scramble: [u8; 20] = std::array::from_fn(|_| rand::random::<u8>() % 94 + 33);
-    let mut part2 = scramble[8..].to_vec();
+/// The greeting for the client, the capabilities it offers, and its 20-byte nonce. TLS is
+/// offered only when the target has a certificate for clients.
+pub fn greeting(upstream: &HandshakePacket<'_>, tls: bool) -> (Vec<u8>, CapabilityFlags, [u8; 20]) {
+    let mut offered = (upstream.capabilities() - NOT_CARRIED) | CapabilityFlags::CLIENT_PLUGIN_AUTH;
+    if tls {
+        offered |= CapabilityFlags::CLIENT_SSL;
+    }
+    let nonce: [u8; 20] = std::array::from_fn(|_| rand::random::<u8>() % 94 + 33);
+    let mut part2 = nonce[8..].to_vec();
     part2.push(0);
     let packet = HandshakePacket::new(
         10,
         upstream.server_version_ref(),
         // The server's thread id, so KILL QUERY and CONNECTION_ID() mean the same thing.
         upstream.connection_id(),
-        scramble[..8].try_into().expect("8 bytes"),
+        nonce[..8].try_into().expect("8 bytes"),
         Some(part2),
         offered,
         upstream.default_collation(),
@@ -44,35 +48,50 @@ pub fn greeting(upstream: &HandshakePacket<'_>) -> (Vec<u8>, CapabilityFlags) {
     .with_mariadb_ext_capabilities(upstream.mariadb_ext_capabilities() & MARIADB_CARRIED);
     let mut out = Vec::new();
     packet.serialize(&mut out);
-    (out, offered)
+    (out, offered, nonce)
 }
 
 pub struct ClientHello {
     pub seq: u8,
     pub user: String,
     pub login: ClientLogin,
+    /// The client's auth plugin and its answer to our nonce (checked only when the target
+    /// has a client secret).
+    pub plugin: Vec<u8>,
+    pub auth: Vec<u8>,
 }
 
 /// Read the client's HandshakeResponse.
+async fn next_packet(client: &mut ClientIo, buf: &mut BytesMut) -> Result<(u8, BytesMut), Failure> {
+    match read_packet(client, buf, MAX_RESPONSE).await {
+        Ok(Some(p)) => Ok(p),
+        Ok(None) => Err(Failure::ClientProtocol(
+            "the client closed the connection during the handshake".into(),
+        )),
+        Err(e) => Err(Failure::ClientProtocol(e.to_string())),
+    }
+}
+
+/// Read the client's HandshakeResponse; with `tls`, an SSLRequest first turns the stream
+/// into TLS (`secure` tells whether it did).
 pub async fn read_response(
     client: &mut ClientIo,
     buf: &mut BytesMut,
     offered: CapabilityFlags,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    secure: &mut bool,
 ) -> Result<ClientHello, Failure> {
-    let (seq, payload) = match read_packet(client, buf, MAX_RESPONSE).await {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            return Err(Failure::ClientProtocol(
-                "the client closed the connection during the handshake".into(),
-            ))
-        }
-        Err(e) => return Err(Failure::ClientProtocol(e.to_string())),
-    };
+    let (mut seq, mut payload) = next_packet(client, buf).await?;
     if payload.len() == 32 && payload[1] & 0x08 != 0 {
-        // An SSLRequest although TLS was not offered.
-        return Err(Failure::ClientProtocol(
-            "the client asked for TLS; this port speaks plain MySQL to local clients (use --ssl-mode=DISABLED or --skip-ssl)".into(),
-        ));
+        let Some(acceptor) = tls else {
+            return Err(Failure::ClientProtocol(
+                "the client asked for TLS; this port speaks plain MySQL to local clients (use --ssl-mode=DISABLED or --skip-ssl)".into(),
+            ));
+        };
+        // The client starts TLS right after its SSLRequest: what followed it is TLS.
+        crate::listener::upgrade(client, acceptor, buf.split()).await?;
+        *secure = true;
+        (seq, payload) = next_packet(client, buf).await?;
     }
     let response: HandshakeResponse<'_> = ParseBuf(&payload)
         .parse(())
@@ -100,5 +119,58 @@ pub async fn read_response(
                 .map(<[u8]>::to_vec),
             attributes: response.connect_attributes(),
         },
+        plugin: response
+            .auth_plugin()
+            .map(|p| p.as_bytes().to_vec())
+            .unwrap_or_default(),
+        auth: response.scramble_buf().to_vec(),
     })
+}
+
+/// Check the client's answer to our nonce against the target's secret. A client that
+/// answered with another plugin, or with nothing yet (as libmariadb does for
+/// caching_sha2_password when the greeting named another plugin), is asked again with an
+/// AuthSwitchRequest. `seq` is the sequence id of our next packet, kept up to date.
+pub async fn authenticate(
+    client: &mut ClientIo,
+    buf: &mut BytesMut,
+    seq: &mut u8,
+    secret: &crate::client_auth::ClientSecret,
+    nonce: &[u8; 20],
+    hello: &ClientHello,
+) -> Result<(), Failure> {
+    use super::wire::packet;
+    use tokio::io::AsyncWriteExt;
+    const NATIVE: &[u8] = b"mysql_native_password";
+    const SHA2: &[u8] = b"caching_sha2_password";
+    let io = |e: std::io::Error| Failure::ClientProtocol(e.to_string());
+    let known = hello.plugin == NATIVE || hello.plugin == SHA2;
+    let (plugin, answer) = if known && !hello.auth.is_empty() {
+        (hello.plugin.clone(), hello.auth.clone())
+    } else {
+        let plugin = if hello.plugin == SHA2 { SHA2 } else { NATIVE };
+        let mut switch = vec![0xfe];
+        switch.extend_from_slice(plugin);
+        switch.push(0);
+        switch.extend_from_slice(nonce);
+        switch.push(0);
+        client.write_all(&packet(*seq, &switch)).await.map_err(io)?;
+        let (got, answer) = next_packet(client, buf).await?;
+        *seq = got.wrapping_add(1);
+        (plugin.to_vec(), answer.to_vec())
+    };
+    if !secret.check_mysql(&plugin, nonce, &answer) {
+        return Err(Failure::ClientAuth {
+            user: hello.user.clone(),
+        });
+    }
+    if plugin == SHA2 {
+        // fast_auth_success: the OK follows.
+        client
+            .write_all(&packet(*seq, &[0x01, 0x03]))
+            .await
+            .map_err(io)?;
+        *seq = seq.wrapping_add(1);
+    }
+    Ok(())
 }

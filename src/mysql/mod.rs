@@ -56,17 +56,24 @@ async fn run(
         backend::greet(target),
     )
     .await?;
-    let (hello, offered) = frontend::greeting(&greeting);
+    let (hello, offered, nonce) = frontend::greeting(&greeting, target.client_tls.is_some());
     client
         .write_all(&packet(0, &hello))
         .await
         .map_err(|e| Failure::ClientProtocol(format!("client went away: {e}")))?;
     *seq = 1;
     let mut buf = BytesMut::with_capacity(1024);
+    let mut secure = false;
     let response = client_within(
         target.cfg.handshake_timeout,
         "the client did not answer the greeting",
-        frontend::read_response(client, &mut buf, offered),
+        frontend::read_response(
+            client,
+            &mut buf,
+            offered,
+            target.client_tls.as_ref(),
+            &mut secure,
+        ),
     )
     .await?;
     *seq = response.seq.wrapping_add(1);
@@ -78,11 +85,22 @@ async fn run(
         .map(|d| String::from_utf8_lossy(d).into_owned())
         .unwrap_or_default();
     session.opened();
+    if cfg.client_tls_required && !secure {
+        return Err(Failure::ClientTlsRequired);
+    }
     if response.user != cfg.db_user {
         return Err(Failure::WrongUser {
             got: response.user,
             expected: cfg.db_user.clone(),
         });
+    }
+    if let Some(secret) = &target.client_secret {
+        client_within(
+            cfg.handshake_timeout,
+            "the client did not finish its password exchange",
+            frontend::authenticate(client, &mut buf, seq, secret, &nonce, &response),
+        )
+        .await?;
     }
     let mut login = response.login;
     if login.database.is_none() {

@@ -122,6 +122,18 @@ pub fn describe(f: &Failure, t: &Target) -> (String, String, Option<String>, Opt
             None,
             None,
         ),
+        Failure::ClientAuth { user } => (
+            "28P01".into(),
+            format!("password authentication failed for user \"{user}\""),
+            None,
+            Some("this target requires the password from its client_password_file or client_password_env".into()),
+        ),
+        Failure::ClientTlsRequired => (
+            "28000".into(),
+            format!("rds-iam-proxy: target \"{}\" accepts only TLS connections", t.name),
+            None,
+            Some("connect with sslmode=require (or verify-full)".into()),
+        ),
         Failure::Forward { .. } => ("XX000".into(), String::new(), None, None),
     }
 }

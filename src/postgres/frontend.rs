@@ -27,7 +27,14 @@ pub enum Opening {
 }
 
 /// Read packets until a StartupMessage or a CancelRequest arrives.
-pub async fn read_opening(client: &mut ClientIo, buf: &mut BytesMut) -> Result<Opening, Failure> {
+/// With `tls`, an SSLRequest is answered 'S' and the client's stream becomes TLS; `secure`
+/// tells whether it did.
+pub async fn read_opening(
+    client: &mut ClientIo,
+    buf: &mut BytesMut,
+    tls: Option<&tokio_rustls::TlsAcceptor>,
+    secure: &mut bool,
+) -> Result<Opening, Failure> {
     loop {
         while buf.len() < 8 {
             let n = client
@@ -64,9 +71,24 @@ pub async fn read_opening(client: &mut ClientIo, buf: &mut BytesMut) -> Result<O
             }
         }
         match code {
+            SSL_REQUEST if tls.is_some() && !*secure => {
+                buf.advance(len);
+                if !buf.is_empty() {
+                    // Bytes sent before our answer would bypass TLS (CVE-2021-23222).
+                    return Err(Failure::ClientProtocol(
+                        "received unencrypted data after the SSLRequest".into(),
+                    ));
+                }
+                client
+                    .write_all(b"S")
+                    .await
+                    .map_err(|e| Failure::ClientProtocol(e.to_string()))?;
+                crate::listener::upgrade(client, tls.expect("checked"), BytesMut::new()).await?;
+                *secure = true;
+            }
             SSL_REQUEST | GSSENC_REQUEST => {
                 buf.advance(len);
-                // The proxy listens for local plain clients: no encryption here.
+                // No TLS toward clients configured (or already on), and never GSS.
                 client
                     .write_all(b"N")
                     .await
@@ -108,4 +130,73 @@ pub async fn read_opening(client: &mut ClientIo, buf: &mut BytesMut) -> Result<O
             }
         }
     }
+}
+
+/// Make the client prove the target's secret with SCRAM-SHA-256 (no channel binding).
+pub async fn authenticate(
+    client: &mut ClientIo,
+    buf: &mut BytesMut,
+    secret: std::sync::Arc<crate::client_auth::ClientSecret>,
+    user: &str,
+) -> Result<(), Failure> {
+    use pgwire::messages::startup::Authentication;
+    let send = |m: Authentication| {
+        let mut out = BytesMut::new();
+        let _ = m.encode(&mut out);
+        out
+    };
+    let io = |e: std::io::Error| Failure::ClientProtocol(e.to_string());
+    client
+        .write_all(&send(Authentication::SASL(vec!["SCRAM-SHA-256".into()])))
+        .await
+        .map_err(io)?;
+    let first = read_password_message(client, buf).await?;
+    // SASLInitialResponse: mechanism, length, client-first-message.
+    let name_end = first
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| Failure::ClientProtocol("bad SASLInitialResponse".into()))?;
+    if &first[..name_end] != b"SCRAM-SHA-256" || first.len() < name_end + 5 {
+        return Err(Failure::ClientProtocol("unsupported SASL mechanism".into()));
+    }
+    let data = &first[name_end + 5..];
+    let (scram, server_first) =
+        crate::client_auth::Scram::start(secret, data).map_err(Failure::ClientProtocol)?;
+    client
+        .write_all(&send(Authentication::SASLContinue(server_first.into())))
+        .await
+        .map_err(io)?;
+    let last = read_password_message(client, buf).await?;
+    match scram.finish(&last) {
+        Ok(server_final) => {
+            client
+                .write_all(&send(Authentication::SASLFinal(server_final.into())))
+                .await
+                .map_err(io)?;
+            Ok(())
+        }
+        Err(_) => Err(Failure::ClientAuth {
+            user: user.to_string(),
+        }),
+    }
+}
+
+/// The body of the next 'p' message from the client.
+async fn read_password_message(
+    client: &mut ClientIo,
+    buf: &mut BytesMut,
+) -> Result<BytesMut, Failure> {
+    let msg = super::wire::read_message(client, buf, MAX_STARTUP_LEN)
+        .await
+        .map_err(|e| Failure::ClientProtocol(e.to_string()))?
+        .ok_or_else(|| Failure::ClientProtocol("the client left during authentication".into()))?;
+    if msg[0] != b'p' {
+        return Err(Failure::ClientProtocol(format!(
+            "expected a password message, got '{}'",
+            msg[0] as char
+        )));
+    }
+    let mut msg = msg;
+    msg.advance(5);
+    Ok(msg)
 }

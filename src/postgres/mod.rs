@@ -30,13 +30,22 @@ pub async fn serve(
 ) {
     let mut session = Session::open(&target.cfg, peer, target.active.clone());
     let mut buf = BytesMut::with_capacity(1024);
+    let mut secure = false;
     let outcome = match client_within(
         target.cfg.handshake_timeout,
         "the client did not send its startup message",
-        frontend::read_opening(&mut client, &mut buf),
+        frontend::read_opening(
+            &mut client,
+            &mut buf,
+            target.client_tls.as_ref(),
+            &mut secure,
+        ),
     )
     .await
     {
+        Ok(Opening::Startup(_)) if target.cfg.client_tls_required && !secure => {
+            Err(Failure::ClientTlsRequired)
+        }
         Ok(Opening::Startup(startup)) => {
             session.user = startup.parameters.get("user").cloned().unwrap_or_default();
             session.database = startup
@@ -86,6 +95,14 @@ async fn run(
             got: session.user.clone(),
             expected: target.cfg.db_user.clone(),
         });
+    }
+    if let Some(secret) = &target.client_secret {
+        client_within(
+            target.cfg.handshake_timeout,
+            "the client did not finish its password exchange",
+            frontend::authenticate(client, client_buf, secret.clone(), &session.user),
+        )
+        .await?;
     }
     let mut upstream = within(
         target.login_timeout(),
