@@ -223,17 +223,23 @@ impl Proxy {
             .iter()
             .map(|t| (t.cfg.listen.clone(), t.clone()))
             .collect();
-        listeners.retain(|addr, l| match wanted.get(addr) {
-            Some(t) => {
-                l.target.send_replace(t.clone());
-                true
-            }
-            None => {
+        let gone: Vec<ListenAddr> = listeners
+            .keys()
+            .filter(|addr| !wanted.contains_key(*addr))
+            .cloned()
+            .collect();
+        for addr in gone {
+            if let Some(l) = listeners.remove(&addr) {
                 tracing::info!(listen = %addr, "target removed: no longer listening");
                 l.task.abort();
-                false
+                let _ = l.task.await;
             }
-        });
+        }
+        for (addr, l) in listeners.iter() {
+            if let Some(t) = wanted.get(addr) {
+                l.target.send_replace(t.clone());
+            }
+        }
         for (t, l) in fresh {
             tracing::info!(target = %t.cfg.name, engine = t.cfg.engine.as_str(), listen = %t.cfg.listen, upstream = %t.cfg.dial, endpoint = %format!("{}:{}", t.cfg.host, t.cfg.port), "listening");
             let (tx, rx) = watch::channel(t.clone());
@@ -278,8 +284,11 @@ impl Proxy {
 
     /// Stop accepting everywhere; open sessions go on.
     pub async fn stop_accepting(&self) {
-        for (_, l) in self.listeners.lock().await.drain() {
+        let stopped: Vec<_> = self.listeners.lock().await.drain().collect();
+        for (_, l) in stopped {
             l.task.abort();
+            // Wait until the listener is dropped: the port closes, a socket file goes.
+            let _ = l.task.await;
         }
         self.sessions.close();
     }
