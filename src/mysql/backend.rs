@@ -90,33 +90,34 @@ pub async fn greet(
             })
         }
     };
+    let greeting = parse_greeting(&payload, addr)?;
+    Ok((tcp, greeting))
+}
+
+/// Parse the server's greeting: an ERR (refused before the handshake), an old protocol or
+/// no TLS are failures. Pure, so it can be fuzzed (tests/fuzz).
+pub fn parse_greeting(payload: &[u8], addr: &str) -> Result<HandshakePacket<'static>, Failure> {
     if payload.first() == Some(&0xff) {
         // Refused before the handshake: too many connections, host blocked...
         return Err(Failure::ServerRefused(parse_err(
-            &payload,
+            payload,
             CapabilityFlags::CLIENT_PROTOCOL_41,
         )));
     }
-    let greeting: HandshakePacket<'_> = ParseBuf(&payload).parse(()).map_err(|e| {
+    let greeting: HandshakePacket<'_> = ParseBuf(payload).parse(()).map_err(|e| {
         Failure::UpstreamProtocol(format!("{addr} sent an unreadable greeting: {e}"))
     })?;
     let greeting = greeting.into_owned();
-    if greeting.protocol_version() != 10
-        || !greeting
-            .capabilities()
-            .contains(CapabilityFlags::CLIENT_PROTOCOL_41)
-    {
+    let caps = greeting.capabilities();
+    if greeting.protocol_version() != 10 || !caps.contains(CapabilityFlags::CLIENT_PROTOCOL_41) {
         return Err(Failure::UpstreamProtocol(format!(
             "{addr} speaks a MySQL protocol older than 4.1"
         )));
     }
-    if !greeting
-        .capabilities()
-        .contains(CapabilityFlags::CLIENT_SSL)
-    {
+    if !caps.contains(CapabilityFlags::CLIENT_SSL) {
         return Err(Failure::TlsRefused { addr: addr.into() });
     }
-    Ok((tcp, greeting))
+    Ok(greeting)
 }
 
 /// The capabilities of the upstream session: what the client asked for, within what the

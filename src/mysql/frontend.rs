@@ -82,7 +82,7 @@ pub async fn read_response(
     secure: &mut bool,
 ) -> Result<ClientHello, Failure> {
     let (mut seq, mut payload) = next_packet(client, buf).await?;
-    if payload.len() == 32 && payload[1] & 0x08 != 0 {
+    if is_ssl_request(&payload) {
         let Some(acceptor) = tls else {
             return Err(Failure::ClientProtocol(
                 "the client asked for TLS; this port speaks plain MySQL to local clients (use --ssl-mode=DISABLED or --skip-ssl)".into(),
@@ -93,7 +93,26 @@ pub async fn read_response(
         *secure = true;
         (seq, payload) = next_packet(client, buf).await?;
     }
-    let response: HandshakeResponse<'_> = ParseBuf(&payload)
+    parse_response(seq, &payload, offered)
+}
+
+/// Is this packet an SSLRequest (a HandshakeResponse cut after its fixed part, CLIENT_SSL set)?
+pub fn is_ssl_request(payload: &[u8]) -> bool {
+    payload.len() == 32 && payload[1] & 0x08 != 0
+}
+
+/// Parse a HandshakeResponse. Pure, so it can be fuzzed (tests/fuzz).
+pub fn parse_response(
+    seq: u8,
+    payload: &[u8],
+    offered: CapabilityFlags,
+) -> Result<ClientHello, Failure> {
+    if payload.len() < 32 {
+        return Err(Failure::ClientProtocol(
+            "HandshakeResponse too short".into(),
+        ));
+    }
+    let response: HandshakeResponse<'_> = ParseBuf(payload)
         .parse(())
         .map_err(|e| Failure::ClientProtocol(format!("unreadable HandshakeResponse: {e}")))?;
     let caps = response.capabilities();

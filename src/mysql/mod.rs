@@ -234,7 +234,7 @@ async fn change_user(
 
 /// (user, database, tail) of a COM_CHANGE_USER payload. mysql_common's ComChangeUser has no
 /// getters, so the few fields are read here.
-fn parse_change_user(p: &[u8]) -> Option<(String, Vec<u8>, ChangeUserTail)> {
+pub fn parse_change_user(p: &[u8]) -> Option<(String, Vec<u8>, ChangeUserTail)> {
     let mut b = ParseBuf(p.get(1..)?);
     let user = null_str(&mut b)?;
     let _client_auth = b.checked_eat_u8_str()?;

@@ -27,109 +27,144 @@ pub enum Opening {
 }
 
 /// Read packets until a StartupMessage or a CancelRequest arrives.
-/// With `tls`, an SSLRequest is answered 'S' and the client's stream becomes TLS; `secure`
-/// tells whether it did.
+/// One packet of the opening, as parsed from a buffer.
+#[derive(Debug)]
+pub enum Packet {
+    SslRequest,
+    GssEncRequest,
+    Cancel { pid: i32, secret: Bytes },
+    Startup(Startup),
+}
+
+/// Parse the next opening packet from `buf` (consuming it); `Ok(None)` until it is whole.
+/// Pure, so it can be fuzzed (tests/fuzz).
+pub fn parse_opening(buf: &mut BytesMut) -> Result<Option<Packet>, Failure> {
+    if buf.len() < 8 {
+        return Ok(None);
+    }
+    let len = (&buf[0..4]).get_i32();
+    let code = (&buf[4..8]).get_i32();
+    if len < 8 || len as usize > MAX_STARTUP_LEN {
+        return Err(Failure::ClientProtocol(format!(
+            "invalid startup packet length {len}{}",
+            if buf[0] == 0x16 {
+                " (a TLS handshake: do not use TLS toward the proxy unless the target has client_tls_cert, e.g. sslmode=disable)"
+            } else {
+                ""
+            }
+        )));
+    }
+    let len = len as usize;
+    if buf.len() < len {
+        return Ok(None);
+    }
+    let mut packet = buf.split_to(len);
+    match code {
+        SSL_REQUEST if len == 8 => Ok(Some(Packet::SslRequest)),
+        GSSENC_REQUEST if len == 8 => Ok(Some(Packet::GssEncRequest)),
+        SSL_REQUEST | GSSENC_REQUEST => Err(Failure::ClientProtocol(format!(
+            "encryption request of {len} bytes (8 expected)"
+        ))),
+        CANCEL_REQUEST => {
+            // Keys are 4 bytes in protocol 3.0 and up to 256 in 3.2: decode as bytes.
+            let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_2);
+            let msg = CancelRequest::decode(&mut packet, &ctx)
+                .map_err(|e| Failure::ClientProtocol(format!("bad CancelRequest: {e}")))?
+                .ok_or_else(|| Failure::ClientProtocol("incomplete CancelRequest".into()))?;
+            Ok(Some(Packet::Cancel {
+                pid: msg.pid,
+                secret: msg.secret_key.to_bytes(),
+            }))
+        }
+        _ => {
+            let major = (code >> 16) as u16;
+            let minor = (code & 0xffff) as u16;
+            if major != 3 {
+                return Err(Failure::ClientProtocol(format!(
+                    "unsupported frontend protocol {major}.{minor}: the server supports 3.0 to 3.2"
+                )));
+            }
+            // pgwire would replace bad bytes silently; a user name must not change.
+            if std::str::from_utf8(&packet[8..]).is_err() {
+                return Err(Failure::ClientProtocol(
+                    "the startup parameters are not valid UTF-8".into(),
+                ));
+            }
+            let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
+            let startup = Startup::decode(&mut packet, &ctx)
+                .map_err(|e| Failure::ClientProtocol(format!("bad startup packet: {e}")))?
+                .ok_or_else(|| Failure::ClientProtocol("incomplete startup packet".into()))?;
+            Ok(Some(Packet::Startup(startup)))
+        }
+    }
+}
+
+/// Read packets until a StartupMessage or a CancelRequest arrives. With `tls`, an
+/// SSLRequest is answered 'S' and the client's stream becomes TLS; `secure` tells whether
+/// it did. Other encryption requests are answered 'N'.
 pub async fn read_opening(
     client: &mut ClientIo,
     buf: &mut BytesMut,
     tls: Option<&tokio_rustls::TlsAcceptor>,
     secure: &mut bool,
 ) -> Result<Opening, Failure> {
+    let io = |e: std::io::Error| Failure::ClientProtocol(e.to_string());
     loop {
-        while buf.len() < 8 {
-            let n = client
-                .read_buf(buf)
-                .await
-                .map_err(|e| Failure::ClientProtocol(e.to_string()))?;
-            if n == 0 {
-                if buf.is_empty() {
-                    return Ok(Opening::Closed);
+        let packet = match parse_opening(buf)? {
+            Some(p) => p,
+            None => {
+                if client.read_buf(buf).await.map_err(io)? == 0 {
+                    if buf.is_empty() {
+                        return Ok(Opening::Closed);
+                    }
+                    return Err(Failure::ClientProtocol("incomplete startup packet".into()));
                 }
-                return Err(Failure::ClientProtocol("incomplete startup packet".into()));
+                continue;
             }
-        }
-        let len = (&buf[0..4]).get_i32();
-        let code = (&buf[4..8]).get_i32();
-        if len < 8 || len as usize > MAX_STARTUP_LEN {
-            return Err(Failure::ClientProtocol(format!(
-                "invalid startup packet length {len}{}",
-                if buf[0] == 0x16 {
-                    " (this port speaks plain PostgreSQL; do not use TLS toward the proxy, e.g. sslmode=disable)"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let len = len as usize;
-        while buf.len() < len {
-            let n = client
-                .read_buf(buf)
-                .await
-                .map_err(|e| Failure::ClientProtocol(e.to_string()))?;
-            if n == 0 {
-                return Err(Failure::ClientProtocol("incomplete startup packet".into()));
-            }
-        }
-        match code {
-            SSL_REQUEST if tls.is_some() && !*secure => {
-                buf.advance(len);
+        };
+        match packet {
+            Packet::SslRequest if tls.is_some() && !*secure => {
                 if !buf.is_empty() {
                     // Bytes sent before our answer would bypass TLS (CVE-2021-23222).
                     return Err(Failure::ClientProtocol(
                         "received unencrypted data after the SSLRequest".into(),
                     ));
                 }
-                client
-                    .write_all(b"S")
-                    .await
-                    .map_err(|e| Failure::ClientProtocol(e.to_string()))?;
+                client.write_all(b"S").await.map_err(io)?;
                 crate::listener::upgrade(client, tls.expect("checked"), BytesMut::new()).await?;
                 *secure = true;
             }
-            SSL_REQUEST | GSSENC_REQUEST => {
-                buf.advance(len);
-                // No TLS toward clients configured (or already on), and never GSS.
-                client
-                    .write_all(b"N")
-                    .await
-                    .map_err(|e| Failure::ClientProtocol(e.to_string()))?;
+            // No TLS toward clients configured (or already on), and never GSS.
+            Packet::SslRequest | Packet::GssEncRequest => {
+                client.write_all(b"N").await.map_err(io)?
             }
-            CANCEL_REQUEST => {
-                // Keys are 4 bytes in protocol 3.0 and up to 256 in 3.2: decode as bytes.
-                let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_2);
-                let mut packet = buf.split_to(len);
-                let msg = CancelRequest::decode(&mut packet, &ctx)
-                    .map_err(|e| Failure::ClientProtocol(format!("bad CancelRequest: {e}")))?
-                    .ok_or_else(|| Failure::ClientProtocol("incomplete CancelRequest".into()))?;
-                return Ok(Opening::Cancel {
-                    pid: msg.pid,
-                    secret: msg.secret_key.to_bytes(),
-                });
-            }
-            _ => {
-                let major = (code >> 16) as u16;
-                let minor = (code & 0xffff) as u16;
-                if major != 3 {
-                    return Err(Failure::ClientProtocol(format!(
-                        "unsupported frontend protocol {major}.{minor}: the server supports 3.0 to 3.2"
-                    )));
-                }
-                let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_0);
-                // Decode this packet only: bytes after it are the client's, not the startup's.
-                let mut packet = buf.split_to(len);
-                // pgwire would replace bad bytes silently; a user name must not change.
-                if std::str::from_utf8(&packet[8..]).is_err() {
-                    return Err(Failure::ClientProtocol(
-                        "the startup parameters are not valid UTF-8".into(),
-                    ));
-                }
-                let startup = Startup::decode(&mut packet, &ctx)
-                    .map_err(|e| Failure::ClientProtocol(format!("bad startup packet: {e}")))?
-                    .ok_or_else(|| Failure::ClientProtocol("incomplete startup packet".into()))?;
-                return Ok(Opening::Startup(startup));
-            }
+            Packet::Cancel { pid, secret } => return Ok(Opening::Cancel { pid, secret }),
+            Packet::Startup(s) => return Ok(Opening::Startup(s)),
         }
     }
+}
+
+/// The client-first-message of a SASLInitialResponse body, if it names SCRAM-SHA-256.
+pub fn parse_sasl_initial(body: &[u8]) -> Result<&[u8], Failure> {
+    let name_end = body
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or_else(|| Failure::ClientProtocol("bad SASLInitialResponse".into()))?;
+    if &body[..name_end] != b"SCRAM-SHA-256" {
+        return Err(Failure::ClientProtocol("unsupported SASL mechanism".into()));
+    }
+    let rest = &body[name_end + 1..];
+    if rest.len() < 4 {
+        return Err(Failure::ClientProtocol("bad SASLInitialResponse".into()));
+    }
+    let len = i32::from_be_bytes(rest[..4].try_into().expect("4 bytes"));
+    let data = &rest[4..];
+    if len < 0 || len as usize != data.len() {
+        return Err(Failure::ClientProtocol(
+            "bad SASLInitialResponse length".into(),
+        ));
+    }
+    Ok(data)
 }
 
 /// Make the client prove the target's secret with SCRAM-SHA-256 (no channel binding).
@@ -151,15 +186,7 @@ pub async fn authenticate(
         .await
         .map_err(io)?;
     let first = read_password_message(client, buf).await?;
-    // SASLInitialResponse: mechanism, length, client-first-message.
-    let name_end = first
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| Failure::ClientProtocol("bad SASLInitialResponse".into()))?;
-    if &first[..name_end] != b"SCRAM-SHA-256" || first.len() < name_end + 5 {
-        return Err(Failure::ClientProtocol("unsupported SASL mechanism".into()));
-    }
-    let data = &first[name_end + 5..];
+    let data = parse_sasl_initial(&first)?;
     let (scram, server_first) =
         crate::client_auth::Scram::start(secret, data).map_err(Failure::ClientProtocol)?;
     client

@@ -6,7 +6,7 @@ pub mod backend;
 pub mod cancel;
 pub mod error;
 pub mod frontend;
-mod wire;
+pub mod wire;
 
 use std::sync::Arc;
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every fuzz target for SECONDS each (default 60), starting from the committed seed
+# corpus. Needs cargo-fuzz (cargo install cargo-fuzz); runs on stable Rust through
+# RUSTC_BOOTSTRAP, as the sanitizer flags are nightly-only.
+#   bash tests/fuzz/run.sh 600
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+seconds="${1:-60}"
+export RUSTC_BOOTSTRAP=1
+for target in pg_opening pg_auth mysql_handshake mysql_auth; do
+  mkdir -p "target/fuzz-corpus/$target"
+  cp -n tests/fuzz/corpus/"$target"/* "target/fuzz-corpus/$target/" 2>/dev/null || true
+  echo "== $target: $seconds s"
+  cargo fuzz run --fuzz-dir tests/fuzz "$target" "target/fuzz-corpus/$target" -- \
+    -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 2>&1 | tail -4
+done
