@@ -15,7 +15,33 @@ use crate::metrics::{metrics, ResultLabels};
 use crate::proxy::Proxy;
 use crate::systemd::notify;
 
+/// Each client costs two descriptors (client and upstream): lift the soft limit to the hard
+/// one, as servers do, so the default 1,024 does not cap the proxy near 500 clients.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0 {
+                tracing::debug!(
+                    from = lim.rlim_cur,
+                    to = lim.rlim_max,
+                    "raised the open-files limit"
+                );
+            }
+        }
+    }
+}
+
 pub async fn run(path: PathBuf, config: Config) -> ExitCode {
+    raise_fd_limit();
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),

@@ -245,13 +245,17 @@ subjectAltName = %s
         os.chmod(c(f), 0o644)
 
 
+# Server connection limits; `start --max-connections N` raises them (the soak bench needs ~1,100).
+MAX_CONNECTIONS = 300
+
+
 def pg_conf(port, sock, d):
     return """
 # ---- rds-iam-proxy lab ----
 listen_addresses = '127.0.0.1'
 port = %d
 unix_socket_directories = '%s'
-max_connections = 300
+max_connections = %d
 shared_buffers = 32MB
 ssl = on
 ssl_cert_file = '%s/server.crt'
@@ -263,7 +267,7 @@ synchronous_commit = off
 full_page_writes = off
 log_connections = on
 log_line_prefix = '%%m [%%p] %%u@%%d '
-""" % (port, sock, d, d)
+""" % (port, sock, MAX_CONNECTIONS, d, d)
 
 
 def pg_hba(service):
@@ -330,7 +334,7 @@ ssl_cert = %s
 ssl_key = %s
 ssl_ca = %s
 tls_version = TLSv1.2,TLSv1.3
-max_connections = 300
+max_connections = %d
 max_connect_errors = 1000000000
 local_infile = ON
 max_allowed_packet = 64M
@@ -343,7 +347,8 @@ performance_schema_session_connect_attrs_size = 4096
 performance_schema_instrument = '%%=OFF'
 performance_schema_consumer_global_instrumentation = OFF
 performance_schema_consumer_statements_digest = OFF
-""" % (port, MY_PAM_PLUGIN, os.path.join(d, "server.crt"), os.path.join(d, "server.key"), os.path.join(d, "ca.pem")) \
+""" % (port, MY_PAM_PLUGIN, os.path.join(d, "server.crt"), os.path.join(d, "server.key"), os.path.join(d, "ca.pem"),
+       MAX_CONNECTIONS) \
         + "".join("performance_schema_%s = %d\n" % (k, 1 if k == "max_statement_stack" else 0) for k in MY_PFS_ZERO)
 
 
@@ -1074,14 +1079,20 @@ def restart_postgres(d, st, conf, mode, deadline):
             # the backends are session leaders of their own (InitPostmasterChild): killpg(pm) would miss them, and a
             # backend that outlives its postmaster sends FATAL "terminating connection due to unexpected postmaster
             # exit". So: freeze the postmaster (no new forks, no reaction), SIGKILL its children, then it.
-            os.kill(pm, signal.SIGSTOP)
+            try:
+                os.kill(pm, signal.SIGSTOP)
+            except OSError:
+                pass
             kids = children(pm)
             for pid in kids:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-            os.kill(pm, signal.SIGKILL)
+            try:
+                os.kill(pm, signal.SIGKILL)
+            except OSError:
+                pass
             # the old shared memory must be detached by all before a new postmaster starts
             wait_dead([pm] + kids, min(deadline, time.monotonic() + 10), "SIGKILLed PostgreSQL processes")
             drop_stale_locks(pm, [os.path.join(data, "postmaster.pid"),
@@ -1261,6 +1272,8 @@ def main():
     s.add_argument("--sts-min-duration", type=int, default=900,
                    help="lowest DurationSeconds STS accepts (AWS: 900; the lab allows down to 60)")
     s.add_argument("--no-smoke", action="store_true", help="skip the IAM login smoke test")
+    s.add_argument("--max-connections", type=int, default=300,
+                   help="max_connections of both servers (default 300; the soak bench uses 1,200)")
     for name in ("stop", "status"):
         x = sub.add_parser(name)
         x.add_argument("--dir", required=True)
@@ -1294,6 +1307,9 @@ def main():
     w.add_argument("--sub")
     w.add_argument("--iss")
     a = ap.parse_args()
+    if a.cmd == "start":
+        global MAX_CONNECTIONS
+        MAX_CONNECTIONS = a.max_connections
     if a.cmd == "start" and not 60 <= a.sts_min_duration <= 900:
         ap.error("--sts-min-duration must be within 60..900")
     try:

@@ -104,6 +104,19 @@ pub fn parse_greeting(payload: &[u8], addr: &str) -> Result<HandshakePacket<'sta
             CapabilityFlags::CLIENT_PROTOCOL_41,
         )));
     }
+    // mysql_common 0.38 computes `len as i8 - 8` on this byte and overflows (a panic in
+    // debug builds) when it is 128 or more, as fuzzing found: refuse such a greeting first.
+    let after_version = payload
+        .get(1..)
+        .and_then(|p| p.iter().position(|&b| b == 0));
+    if let Some(v) = after_version {
+        let at = 1 + v + 1 + 4 + 8 + 1 + 2 + 1 + 2 + 2;
+        if payload.get(at).is_some_and(|&len| len >= 0x80) {
+            return Err(Failure::UpstreamProtocol(format!(
+                "{addr} sent a greeting with an impossible scramble length"
+            )));
+        }
+    }
     let greeting: HandshakePacket<'_> = ParseBuf(payload).parse(()).map_err(|e| {
         Failure::UpstreamProtocol(format!("{addr} sent an unreadable greeting: {e}"))
     })?;
@@ -341,4 +354,26 @@ pub struct ChangeUserTail {
     pub charset: Option<u16>,
     /// The length-encoded attribute block, raw.
     pub attributes: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by tests/fuzz (mysql_handshake): a scramble length of 0x81 made mysql_common
+    /// overflow.
+    #[test]
+    fn a_greeting_with_a_huge_scramble_length_is_refused_not_a_panic() {
+        let crash: &[u8] = &[
+            10, 53, 46, 48, 46, 49, 45, 53, 53, 46, 49, 49, 46, 49, 57, 45, 77, 97, 114, 105, 97,
+            68, 66, 0, 7, 0, 0, 2, 0, 0, 0, 0, 0, 0, 128, 104, 83, 254, 255, 45, 2, 0, 255, 130,
+            129, 21, 0, 0, 0, 0, 0, 0, 29, 0, 0, 0, 105, 106, 107, 108, 109, 110, 111, 112, 113,
+            114, 77, 0, 0, 0, 0, 0, 0, 0, 95, 110, 97, 116, 105, 118, 101, 95, 112, 97, 115, 115,
+            119, 111, 114, 100, 0,
+        ];
+        assert!(matches!(
+            parse_greeting(crash, "x:3306"),
+            Err(Failure::UpstreamProtocol(_))
+        ));
+    }
 }

@@ -420,3 +420,69 @@ pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A lab of the test's own (its servers get restarted, which must not disturb other tests).
+/// Stopped and removed on drop.
+pub struct PrivateLab {
+    pub lab: Lab,
+    dir: PathBuf,
+}
+
+impl PrivateLab {
+    pub fn start(name: &str) -> PrivateLab {
+        let dir = std::env::temp_dir().join(format!("rip-private-{name}-{}", std::process::id()));
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/lab/lab.py");
+        let out = Command::new("/usr/bin/python3")
+            .args([script, "start", "--dir", dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "private lab: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json = serde_json::from_slice(&out.stdout).unwrap();
+        PrivateLab {
+            lab: Lab { json },
+            dir,
+        }
+    }
+
+    /// `lab.py restart --engine ENGINE --mode MODE`: returns once the server is back.
+    pub fn restart(&self, engine: &str, mode: &str) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/lab/lab.py");
+        let out = Command::new("/usr/bin/python3")
+            .args([
+                script,
+                "restart",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--engine",
+                engine,
+                "--mode",
+                mode,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateLab {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/lab/lab.py");
+        let _ = Command::new("/usr/bin/python3")
+            .args([
+                script,
+                "stop",
+                "--dir",
+                self.dir.to_str().unwrap(),
+                "--purge",
+            ])
+            .output();
+    }
+}

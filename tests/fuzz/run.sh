@@ -12,5 +12,6 @@ for target in pg_opening pg_auth mysql_handshake mysql_auth; do
   cp -n tests/fuzz/corpus/"$target"/* "target/fuzz-corpus/$target/" 2>/dev/null || true
   echo "== $target: $seconds s"
   cargo fuzz run --fuzz-dir tests/fuzz "$target" "target/fuzz-corpus/$target" -- \
-    -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 2>&1 | tail -4
+    -max_total_time="$seconds" -max_len=4096 -print_final_stats=1 > "target/fuzz-$target.log" 2>&1 || { tail -40 "target/fuzz-$target.log"; exit 1; }
+  grep -E "^Done|stat::number_of_executed_units|stat::peak_rss_mb" "target/fuzz-$target.log"
 done
