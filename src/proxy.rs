@@ -27,13 +27,10 @@ pub async fn within<T>(
     what: &str,
     fut: impl std::future::Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure::Timeout(format!(
-            "{what} within {} s",
-            limit.as_secs()
-        ))),
-    }
+    bounded(limit, fut, || {
+        Failure::Timeout(format!("{what} within {} s", limit.as_secs()))
+    })
+    .await
 }
 
 /// The client's side of the handshake, bounded by `[proxy] handshake_timeout`.
@@ -42,13 +39,20 @@ pub async fn client_within<T>(
     what: &str,
     fut: impl std::future::Future<Output = Result<T, Failure>>,
 ) -> Result<T, Failure> {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(r) => r,
-        Err(_) => Err(Failure::ClientTimeout(format!(
-            "{what} within {} s",
-            limit.as_secs()
-        ))),
-    }
+    bounded(limit, fut, || {
+        Failure::ClientTimeout(format!("{what} within {} s", limit.as_secs()))
+    })
+    .await
+}
+
+async fn bounded<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T, Failure>>,
+    late: impl FnOnce() -> Failure,
+) -> Result<T, Failure> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(late()))
 }
 
 /// Everything a connection to one target needs, built once per configuration.

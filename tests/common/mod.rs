@@ -486,3 +486,57 @@ impl Drop for PrivateLab {
             .output();
     }
 }
+
+/// Assert that no secret material is in `log`: the base secret key, the lab's master secret,
+/// any IAM token fragment, any lab session token, and the secret keys STS issued to the
+/// sessions named in `sessions`.
+pub fn assert_no_secrets(lab: &Lab, log: &str, sessions: &[&str]) {
+    let mut secrets = vec![
+        lab.s("/base/secret_access_key"),
+        std::fs::read_to_string(lab.s("/master_secret_file"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        "X-Amz-Signature".to_string(),
+        "X-Amz-Security-Token".to_string(),
+        "Action=connect".to_string(),
+        // Every lab session token starts with base64("LABSTS1\0").
+        "TEFCU1RTMQ".to_string(),
+    ];
+    for sess in sessions {
+        for c in lab.sts_calls(sess) {
+            if let Some(akid) = c["issued_akid"].as_str() {
+                secrets.push(issued_secret(lab, akid));
+            }
+        }
+    }
+    for s in &secrets {
+        assert!(!s.is_empty());
+        if let Some(line) = log.lines().find(|l| l.contains(s.as_str())) {
+            let shown: String = line
+                .replace(s.as_str(), "<SECRET>")
+                .chars()
+                .take(600)
+                .collect();
+            panic!(
+                "secret material {:.6}... found in the proxy log: {shown}",
+                s
+            );
+        }
+    }
+}
+
+/// The secret key the lab's STS derives for an access key id (the lab's own formula).
+fn issued_secret(lab: &Lab, akid: &str) -> String {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import base64,hashlib,hmac,sys; m=open(sys.argv[1]).read().strip().encode(); \
+             print(base64.b64encode(hmac.new(m, b'secret:'+sys.argv[2].encode(), hashlib.sha256).digest()).decode()[:40])",
+            &lab.s("/master_secret_file"),
+            akid,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
