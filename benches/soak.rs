@@ -82,6 +82,8 @@ fn main() {
         ),
     )
     .unwrap();
+    // It holds the lab's static keys.
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let bin = std::env::var("SOAK_PROXY_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_rds-iam-proxy").to_string());
     let child = Command::new(bin)

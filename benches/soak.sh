@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/lab/install-deps.sh
-ulimit -n 65536
+ulimit -n "$(ulimit -Hn)"  # 1,000 clients need ~3,000 descriptors here and in the proxy
 dir="/tmp/rds-iam-lab-soak-$$"
 cleanup() { /usr/bin/python3 deploy/lab/lab.py stop --dir "$dir" --purge >/dev/null 2>&1 || true; }
 trap cleanup EXIT
