@@ -27,8 +27,13 @@ pub struct Health {
 
 pub async fn serve(listener: TcpListener, health: Arc<Health>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // EMFILE and friends: wait for resources instead of spinning.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let health = health.clone();
         tokio::spawn(async move {

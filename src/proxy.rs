@@ -258,24 +258,33 @@ impl Proxy {
         self.targets.read().unwrap().clone()
     }
 
-    /// Mint every target's first token, retrying until each has one.
+    /// Mint every target's first token, retrying until each has one. The targets are read
+    /// again on every round, so a reload that fixes or removes a bad target ends the wait.
     pub async fn warm_up(&self) {
-        let mut waits = tokio::task::JoinSet::new();
-        for t in self.targets() {
-            waits.spawn(async move {
-                let mut backoff = Duration::from_secs(1);
-                loop {
-                    match t.tokens.token().await {
-                        Ok(_) => return,
-                        Err(e) => {
-                            tracing::error!(target = %t.cfg.name, error = %e, "cannot mint the first token; retrying");
-                            tokio::time::sleep(crate::aws::cache::next_backoff(&mut backoff)).await;
-                        }
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let pending: Vec<_> = self
+                .targets()
+                .into_iter()
+                .filter(|t| t.tokens.cached().is_none())
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            let mut tries = tokio::task::JoinSet::new();
+            for t in pending {
+                tries.spawn(async move {
+                    if let Err(e) = t.tokens.token().await {
+                        tracing::error!(target = %t.cfg.name, error = %e, "cannot mint the first token; retrying");
                     }
-                }
-            });
+                });
+            }
+            while tries.join_next().await.is_some() {}
+            if self.targets().iter().all(|t| t.tokens.cached().is_some()) {
+                return;
+            }
+            tokio::time::sleep(crate::aws::cache::next_backoff(&mut backoff)).await;
         }
-        while waits.join_next().await.is_some() {}
     }
 
     /// One line per target that cannot take a new client now (empty: ready).

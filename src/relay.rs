@@ -263,6 +263,8 @@ where
     up.judge(&mut up_watch);
     let mut down = Pipe::new(&[], meter.map(|m| m.server_to_client.clone()), false);
     let mut up_done = false;
+    // Set once the client side has stopped with everything approved written and flushed.
+    let mut up_stopped = false;
     // Checked lazily: the timer is only re-armed when it fires, not per chunk.
     let mut idle_timer = idle.map(|d| Box::pin(tokio::time::sleep(d)));
     let mut moved = 0u64;
@@ -271,7 +273,7 @@ where
         if !up_done {
             match up.poll(cx, client, server, &mut up_watch, false) {
                 Poll::Ready(Ok(PipeState::Done)) => up_done = true,
-                Poll::Ready(Ok(PipeState::Stopped)) => {}
+                Poll::Ready(Ok(PipeState::Stopped)) => up_stopped = true,
                 Poll::Ready(Err(Failed::Read(e))) => return Poll::Ready(End::ClientError(e)),
                 Poll::Ready(Err(Failed::Write(e))) => return Poll::Ready(End::ServerError(e)),
                 Poll::Pending => {}
@@ -284,7 +286,8 @@ where
             Poll::Ready(Ok(PipeState::Stopped)) => Poll::Ready(End::ServerClosed),
             Poll::Ready(Err(Failed::Read(e))) => Poll::Ready(End::ServerError(e)),
             Poll::Ready(Err(Failed::Write(e))) => Poll::Ready(End::ClientError(e)),
-            Poll::Pending if up.stopped && down.written == down.approved && !down.need_flush => {
+            // Hand over only once the bytes before the stop point are really sent.
+            Poll::Pending if up_stopped && down.written == down.approved && !down.need_flush => {
                 Poll::Ready(End::Handover(up.rest()))
             }
             Poll::Pending => Poll::Pending,

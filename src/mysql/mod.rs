@@ -20,7 +20,7 @@ use crate::proxy::{client_within, within, TargetRuntime};
 use crate::relay::{relay, End, Relayed, Watch};
 use crate::session::Session;
 use backend::ChangeUserTail;
-use wire::{packet, read_packet, ChangeUserWatch};
+use wire::{packet, read_packet, ChangeUserWatch, ServerActivity};
 
 /// Serve one client connection to its end.
 pub async fn serve(mut client: ClientIo, peer: String, target: Arc<TargetRuntime>) {
@@ -85,15 +85,11 @@ async fn run(
         .map(|d| String::from_utf8_lossy(d).into_owned())
         .unwrap_or_default();
     session.opened();
-    if cfg.client_tls_required && !secure {
+    // Password checks only ever run inside TLS.
+    if (cfg.client_tls_required || target.client_secret.is_some()) && !secure {
         return Err(Failure::ClientTlsRequired);
     }
-    if response.user != cfg.db_user {
-        return Err(Failure::WrongUser {
-            got: response.user,
-            expected: cfg.db_user.clone(),
-        });
-    }
+    // The secret first: who the target serves is not told to strangers.
     if let Some(secret) = &target.client_secret {
         client_within(
             cfg.handshake_timeout,
@@ -101,6 +97,12 @@ async fn run(
             frontend::authenticate(client, &mut buf, seq, secret, &nonce, &response),
         )
         .await?;
+    }
+    if response.user != cfg.db_user {
+        return Err(Failure::WrongUser {
+            got: response.user,
+            expected: cfg.db_user.clone(),
+        });
     }
     let mut login = response.login;
     if login.database.is_none() {
@@ -128,11 +130,12 @@ async fn run(
     let mut pending = buf;
     loop {
         let mut change_user_watch = ChangeUserWatch::default();
+        let mut server_activity = ServerActivity(change_user_watch.server_spoke.clone());
         let watch = Watch {
             up: Some(&mut change_user_watch),
+            down: Some(&mut server_activity),
             meter: Some(&session.meter),
             idle: cfg.idle_timeout,
-            ..Watch::default()
         };
         let (moved, end) = relay(client, &mut upstream.stream, &pending, watch).await;
         total.client_to_server += moved.client_to_server;

@@ -61,14 +61,32 @@ pub async fn write_packet<S: AsyncWrite + Unpin>(
     stream.flush().await
 }
 
-/// Watches client packets for a command packet (sequence id 0) that is COM_CHANGE_USER.
-/// Continuation packets and LOAD DATA LOCAL INFILE data never have sequence id 0.
+/// Watches client packets for a command packet that is COM_CHANGE_USER. A command has
+/// sequence id 0, but so does every 256th packet of a long LOAD DATA LOCAL INFILE stream:
+/// a packet that follows the previous client packet in sequence, with nothing from the
+/// server in between, continues that stream rather than starting a command.
 #[derive(Default)]
 pub struct ChangeUserWatch {
     /// Bytes of the current packet still to pass.
     skip: usize,
     /// The last command the client sent (COM_QUIT = 1 means the server will close).
     pub last_command: u8,
+    /// Sequence id of the client's previous packet.
+    prev_seq: Option<u8>,
+    /// Set by [`ServerActivity`] when the server sends anything.
+    pub server_spoke: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Watches the server's stream only to tell [`ChangeUserWatch`] that the server spoke.
+pub struct ServerActivity(pub std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Inspect for ServerActivity {
+    fn inspect(&mut self, data: &[u8]) -> Verdict {
+        if !data.is_empty() {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Verdict::Pass(data.len())
+    }
 }
 
 impl Inspect for ChangeUserWatch {
@@ -87,15 +105,20 @@ impl Inspect for ChangeUserWatch {
             }
             let len = (rest[0] as usize) | (rest[1] as usize) << 8 | (rest[2] as usize) << 16;
             let seq = rest[3];
-            if seq == 0 && len > 0 {
-                if rest.len() < 5 {
-                    return Verdict::Pass(at); // need the command byte
-                }
+            if seq == 0 && len > 0 && rest.len() < 5 {
+                return Verdict::Pass(at); // need the command byte
+            }
+            let spoke = self
+                .server_spoke
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            let continues = !spoke && self.prev_seq.is_some_and(|p| seq == p.wrapping_add(1));
+            if seq == 0 && len > 0 && !continues {
                 if rest[4] == COM_CHANGE_USER {
                     return Verdict::Stop(at);
                 }
                 self.last_command = rest[4];
             }
+            self.prev_seq = Some(seq);
             self.skip = 4 + len;
         }
     }
@@ -119,6 +142,30 @@ mod tests {
         stream.extend(cmd(0, b"\x11bytebase\0"));
         let mut w = ChangeUserWatch::default();
         assert_eq!(w.inspect(&stream), Verdict::Stop(stop));
+    }
+
+    #[test]
+    fn a_long_infile_stream_wrapping_to_sequence_0_is_not_a_command() {
+        let mut stream = cmd(0, b"\x03load data local infile 'x' into table t");
+        // The server asked for the file (it spoke), then 300 data packets with no answer.
+        let mut w = ChangeUserWatch::default();
+        assert_eq!(w.inspect(&stream), Verdict::Pass(stream.len()));
+        w.server_spoke
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        stream.clear();
+        for i in 0..300u32 {
+            stream.extend(cmd(
+                (2 + i) as u8,
+                b"\x11 data that looks like COM_CHANGE_USER",
+            ));
+        }
+        assert_eq!(w.inspect(&stream), Verdict::Pass(stream.len()));
+        assert_ne!(w.last_command, 0x11);
+        // After the server's answer, a real COM_CHANGE_USER is caught.
+        w.server_spoke
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let change = cmd(0, b"\x11u\0");
+        assert_eq!(w.inspect(&change), Verdict::Stop(0));
     }
 
     #[test]

@@ -90,12 +90,7 @@ async fn run(
             "the startup message names no user".into(),
         ));
     }
-    if session.user != target.cfg.db_user {
-        return Err(Failure::WrongUser {
-            got: session.user.clone(),
-            expected: target.cfg.db_user.clone(),
-        });
-    }
+    // The secret first: who the target serves is not told to strangers.
     if let Some(secret) = &target.client_secret {
         client_within(
             target.cfg.handshake_timeout,
@@ -103,6 +98,12 @@ async fn run(
             frontend::authenticate(client, client_buf, secret.clone(), &session.user),
         )
         .await?;
+    }
+    if session.user != target.cfg.db_user {
+        return Err(Failure::WrongUser {
+            got: session.user.clone(),
+            expected: target.cfg.db_user.clone(),
+        });
     }
     let mut upstream = within(
         target.login_timeout(),
@@ -154,7 +155,8 @@ async fn run(
         _ => None,
     };
     if let Some(f) = goodbye {
-        let _ = client.write_all(&error::encode(&f, &target.cfg)).await;
+        // Flushed and shut down, so it is not left in a TLS buffer.
+        error::send_raw(client, &error::encode(&f, &target.cfg)).await;
     }
     Ok((relayed, end.error()))
 }
