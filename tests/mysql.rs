@@ -482,3 +482,41 @@ async fn any_client_auth_plugin_is_accepted_and_the_ok_has_the_expected_sequence
         );
     }
 }
+
+/// LOAD DATA LOCAL INFILE streams packets with growing sequence ids that wrap to 0; a data
+/// packet at sequence 0 that starts with 0x11 (COM_CHANGE_USER's code) is still data.
+#[tokio::test]
+async fn a_long_infile_made_of_0x11_bytes_arrives_intact() {
+    let lab = Lab::get();
+    let spec = TargetSpec::mysql(&lab, "shop", &session("my-infile-11"));
+    let _p = start(&lab, &spec);
+    let path = std::env::temp_dir().join(format!("rip-infile-11-{}.txt", std::process::id()));
+    let line = [vec![0x11u8; 99], vec![b'\n']].concat();
+    let lines = (8 << 20) / line.len();
+    std::fs::write(&path, line.repeat(lines)).unwrap();
+    let handler = mysql_async::WhiteListFsHandler::new(vec![path.clone()]);
+    let mut c = mysql_async::Conn::new(
+        opts(spec.port, "bytebase", Some("appdb")).local_infile_handler(Some(handler)),
+    )
+    .await
+    .unwrap();
+    c.query_drop("create temporary table ones (line varbinary(200))")
+        .await
+        .unwrap();
+    c.query_drop(format!(
+        "load data local infile '{}' into table ones",
+        path.display()
+    ))
+    .await
+    .unwrap();
+    let (rows, good): (u64, u64) = c
+        .query_first("select count(*), sum(line = repeat(x'11', 99)) from ones")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rows, good), (lines as u64, lines as u64));
+    // The session is still in step afterwards.
+    let one: i64 = c.query_first("select 1").await.unwrap().unwrap();
+    assert_eq!(one, 1);
+    let _ = std::fs::remove_file(path);
+}
