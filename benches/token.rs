@@ -1,10 +1,11 @@
-//! Token figures (printed, not asserted): signing a token, and a cache hit.
+//! Token minting and the cache-hit path a new connection takes (criterion).
 //! `cargo bench --bench token`
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use aws_credential_types::Credentials;
+use criterion::{criterion_group, criterion_main, Criterion};
 use rds_iam_proxy::aws::cache::{CredentialSource, TokenCache, TokenKey};
 use rds_iam_proxy::aws::token::generate;
 use rds_iam_proxy::aws::CredentialsFailure;
@@ -24,43 +25,37 @@ impl CredentialSource for Fixed {
     }
 }
 
-fn per_op(label: &str, n: u32, f: impl Fn()) {
-    for _ in 0..n / 10 {
-        f();
-    }
-    let t = Instant::now();
-    for _ in 0..n {
-        f();
-    }
-    let ns = t.elapsed().as_nanos() as f64 / n as f64;
-    println!("{label:<28} {:>10.0} ns/op", ns);
-}
-
-fn main() {
-    let creds = Credentials::new(
+fn creds() -> Credentials {
+    Credentials::new(
         "ASIAEXAMPLEEXAMPLE01",
         "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         Some("IQoJb3JpZ2luX2VjEJr".repeat(40)),
         None,
         "bench",
-    );
-    per_op("sign token (session token)", 20_000, || {
-        let t = generate(
-            &creds,
-            "orders.abc123.us-east-1.rds.amazonaws.com",
-            5432,
-            "bytebase",
-            "us-east-1",
-            SystemTime::now(),
-        )
-        .unwrap();
-        std::hint::black_box(t);
+    )
+}
+
+fn tokens(c: &mut Criterion) {
+    let creds = creds();
+    c.bench_function("mint token (with session token)", |b| {
+        b.iter(|| {
+            generate(
+                &creds,
+                "orders.abc123.us-east-1.rds.amazonaws.com",
+                5432,
+                "bytebase",
+                "us-east-1",
+                SystemTime::now(),
+            )
+            .unwrap()
+        })
     });
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(async {
+    let entry = rt.block_on(async {
         let cache = TokenCache::new();
         let key = TokenKey {
             credentials: rds_iam_proxy::config::CredentialSpec {
@@ -75,8 +70,15 @@ fn main() {
         };
         let entry = cache.entry(key, Arc::new(Fixed(creds.clone())));
         entry.token().await.unwrap();
-        per_op("token cache hit", 2_000_000, || {
-            std::hint::black_box(entry.cached().unwrap());
-        });
+        entry
+    });
+    c.bench_function("token cache hit (cached)", |b| {
+        b.iter(|| entry.cached().unwrap())
+    });
+    c.bench_function("token cache hit (token().await)", |b| {
+        b.iter(|| rt.block_on(entry.token()).unwrap())
     });
 }
+
+criterion_group!(benches, tokens);
+criterion_main!(benches);
