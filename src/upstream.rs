@@ -33,6 +33,27 @@ pub async fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, Failure> {
     Ok(stream)
 }
 
+/// The server's first answer (greeting, SSLRequest reply), bounded: a connection lost on
+/// the way or silence means the upstream is not usable, named with `addr`.
+pub async fn first_answer<T>(
+    addr: &str,
+    limit: Duration,
+    silent: &str,
+    answer: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, Failure> {
+    match tokio::time::timeout(limit, answer).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Failure::Unreachable {
+            addr: addr.to_string(),
+            reason: format!("connection lost before the server answered: {e}"),
+        }),
+        Err(_) => Err(Failure::Unreachable {
+            addr: addr.to_string(),
+            reason: silent.to_string(),
+        }),
+    }
+}
+
 /// TCP_NODELAY (interactive protocol) and keepalive (notice dead peers behind NAT).
 pub fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);

@@ -21,18 +21,21 @@ lab() { /usr/bin/python3 -c "import json,sys; d=json.load(open('$dir/lab.json'))
 free() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=6432; (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && port=$(free)
 myport=3307; (exec 3<>/dev/tcp/127.0.0.1/$myport) 2>/dev/null && myport=$(free)
-cat > "$dir/proxy.toml" <<TOML
-# The reference scenario: base credentials in account A, then role A (with external id),
-# then bytebase-target-db-role in account B, which may rds-db:connect as "bytebase".
+# One target per engine, each through the reference scenario: base credentials in account A,
+# then role A (with external id), then bytebase-target-db-role in account B, which may
+# rds-db:connect as "bytebase". The token is signed for the RDS-style name; the dial goes to
+# the lab server.
+target() { # NAME ENGINE LISTEN_PORT LAB_SECTION RDS_PORT DATABASE
+  cat <<TOML
 [[target]]
-name = "orders"
-engine = "postgres"
-listen = "127.0.0.1:$port"
-host = "$(lab "['postgres']['endpoint_name']")"
-port = 5432
-connect_to = "127.0.0.1:$(lab "['postgres']['port']")"
+name = "$1"
+engine = "$2"
+listen = "127.0.0.1:$3"
+host = "$(lab "['$4']['endpoint_name']")"
+port = $5
+connect_to = "127.0.0.1:$(lab "['$4']['port']")"
 db_user = "bytebase"
-database = "postgres"
+database = "$6"
 ca_file = "$(lab "['ca_file']")"
 access_key_id = "$(lab "['base']['access_key_id']")"
 secret_access_key = "$(lab "['base']['secret_access_key']")"
@@ -43,25 +46,9 @@ session_name = "rds-iam-proxy-demo"
 role_arn = "$(lab "['roles']['hop']['arn']")"
 external_id = "$(lab "['roles']['hop']['external_id']")"
 
-[[target]]
-name = "shop"
-engine = "mysql"
-listen = "127.0.0.1:$myport"
-host = "$(lab "['mysql']['endpoint_name']")"
-port = 3306
-connect_to = "127.0.0.1:$(lab "['mysql']['port']")"
-db_user = "bytebase"
-database = "appdb"
-ca_file = "$(lab "['ca_file']")"
-access_key_id = "$(lab "['base']['access_key_id']")"
-secret_access_key = "$(lab "['base']['secret_access_key']")"
-role_arn = "$(lab "['roles']['target']['arn']")"
-session_name = "rds-iam-proxy-demo"
-
-[[target.role_chain]]
-role_arn = "$(lab "['roles']['hop']['arn']")"
-external_id = "$(lab "['roles']['hop']['external_id']")"
 TOML
+}
+{ target orders postgres "$port" postgres 5432 postgres; target shop mysql "$myport" mysql 3306 appdb; } > "$dir/proxy.toml"
 chmod 600 "$dir/proxy.toml"
 export AWS_ENDPOINT_URL_STS="$(lab "['sts']['endpoint']")" AWS_EC2_METADATA_DISABLED=true
 ./target/debug/rds-iam-proxy --config "$dir/proxy.toml" &

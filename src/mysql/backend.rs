@@ -65,31 +65,18 @@ pub async fn greet(
     let addr = cfg.dial.as_str();
     let mut tcp = crate::upstream::dial(addr, cfg.connect_timeout).await?;
     let mut buf = BytesMut::with_capacity(256);
-    let read = tokio::time::timeout(
-        cfg.connect_timeout,
-        read_packet(&mut tcp, &mut buf, MAX_HANDSHAKE_PACKET),
-    );
-    let (_, payload) = match read.await {
-        Ok(Ok(Some(p))) => p,
-        Ok(Ok(None)) => {
-            return Err(Failure::Unreachable {
-                addr: addr.into(),
-                reason: "the server closed the connection before its greeting".into(),
-            })
-        }
-        Ok(Err(e)) => {
-            return Err(Failure::Unreachable {
-                addr: addr.into(),
-                reason: format!("reading the greeting: {e}"),
-            })
-        }
-        Err(_) => {
-            return Err(Failure::Unreachable {
-                addr: addr.into(),
-                reason: "no greeting (is this a MySQL server?)".into(),
-            })
-        }
+    let read = async {
+        read_packet(&mut tcp, &mut buf, MAX_HANDSHAKE_PACKET)
+            .await?
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
     };
+    let (_, payload) = crate::upstream::first_answer(
+        addr,
+        cfg.connect_timeout,
+        "no greeting (is this a MySQL server?)",
+        read,
+    )
+    .await?;
     let greeting = parse_greeting(&payload, addr)?;
     Ok((tcp, greeting))
 }

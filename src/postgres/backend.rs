@@ -43,21 +43,13 @@ pub async fn open_tls(
         tcp.write_all(&req).await?;
         tcp.read_exact(&mut answer).await
     };
-    match tokio::time::timeout(cfg.connect_timeout, exchange).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            return Err(Failure::Unreachable {
-                addr: addr.to_string(),
-                reason: format!("connection lost during SSLRequest: {e}"),
-            })
-        }
-        Err(_) => {
-            return Err(Failure::Unreachable {
-                addr: addr.to_string(),
-                reason: "no answer to SSLRequest (is this a PostgreSQL server?)".into(),
-            })
-        }
-    }
+    crate::upstream::first_answer(
+        addr,
+        cfg.connect_timeout,
+        "no answer to SSLRequest (is this a PostgreSQL server?)",
+        exchange,
+    )
+    .await?;
     match answer[0] {
         b'S' => {}
         b'N' => {
