@@ -4,6 +4,11 @@
 //! streams results must not deadlock), each through one fixed buffer. The client-to-server
 //! direction can be watched by an [`Inspect`]or: the MySQL engine uses it to take over at a
 //! `COM_CHANGE_USER`, which needs a fresh token rather than the client's scramble.
+//!
+//! A direction holds its buffer only while bytes are in flight: when everything read has been
+//! written and the reader has nothing more, the buffer goes back to a small per-thread pool.
+//! An idle connection then holds no relay buffer at all (issue 6: memory per idle
+//! connection), and a busy one takes a pooled buffer instead of allocating per chunk.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -16,8 +21,44 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::session::Meter;
 
-/// Per-direction buffer size.
+/// Per-direction buffer size: one full TLS record (16 KiB of plaintext), so a read from the
+/// server's TLS session drains a whole record at once. Measured in docs/performance.md:
+/// smaller buffers cost COPY throughput, larger ones gained nothing.
 pub const BUF_SIZE: usize = 16 * 1024;
+
+/// Buffers kept per worker thread for reuse; beyond that they are freed.
+const POOL_KEEP: usize = 64;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Box<[u8]>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Buffers taken and not given back, on this thread.
+    static HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn take_buffer() -> Box<[u8]> {
+    #[cfg(test)]
+    HELD.with(|h| h.set(h.get() + 1));
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice())
+}
+
+fn give_buffer(buf: Box<[u8]>) {
+    if buf.len() != BUF_SIZE {
+        return; // none, or an oversized first chunk: not worth keeping
+    }
+    #[cfg(test)]
+    HELD.with(|h| h.set(h.get() - 1));
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < POOL_KEEP {
+            pool.push(buf);
+        }
+    });
+}
 
 /// Bytes moved, by direction.
 #[derive(Debug, Default, Clone, Copy)]
@@ -87,6 +128,7 @@ pub struct Watch<'a> {
 }
 
 struct Pipe {
+    /// Empty (not allocated) while nothing is in flight.
     buf: Box<[u8]>,
     /// Bytes `[written..approved)` are to be written; `[approved..filled)` are held.
     written: usize,
@@ -116,8 +158,15 @@ enum Failed {
 
 impl Pipe {
     fn new(initial: &[u8], counter: Option<Counter>, shutdown_on_eof: bool) -> Pipe {
-        let mut buf = vec![0u8; BUF_SIZE.max(initial.len())].into_boxed_slice();
-        buf[..initial.len()].copy_from_slice(initial);
+        let buf = if initial.is_empty() {
+            Box::default()
+        } else if initial.len() <= BUF_SIZE {
+            let mut buf = take_buffer();
+            buf[..initial.len()].copy_from_slice(initial);
+            buf
+        } else {
+            initial.into()
+        };
         Pipe {
             buf,
             written: 0,
@@ -205,7 +254,9 @@ impl Pipe {
                 self.approved -= self.written;
                 self.written = 0;
             }
-            if self.filled == self.buf.len() {
+            if self.buf.is_empty() {
+                self.buf = take_buffer();
+            } else if self.filled == self.buf.len() {
                 // An inspector holding a whole buffer would stall: let it through.
                 self.approved = self.filled;
                 continue;
@@ -222,6 +273,10 @@ impl Pipe {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(Failed::Read(e))),
                 Poll::Pending => {
+                    if self.filled == 0 {
+                        // Nothing in flight or held: the buffer is not needed until bytes come.
+                        give_buffer(std::mem::take(&mut self.buf));
+                    }
                     if self.need_flush {
                         ready!(Pin::new(&mut *writer).poll_flush(cx)).map_err(Failed::Write)?;
                         self.need_flush = false;
@@ -234,6 +289,12 @@ impl Pipe {
 
     fn rest(&self) -> BytesMut {
         BytesMut::from(&self.buf[self.approved..self.filled])
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        give_buffer(std::mem::take(&mut self.buf));
     }
 }
 
@@ -385,6 +446,32 @@ mod tests {
         assert!(matches!(end, End::Idle), "{end:?}");
         // 6 s quiet, a byte, then 10 s quiet.
         assert!(elapsed >= std::time::Duration::from_secs(16), "{elapsed:?}");
+    }
+
+    #[tokio::test]
+    async fn an_idle_link_holds_no_buffer_between_exchanges() {
+        // current_thread runtime: the pump runs on this thread, so HELD counts its buffers.
+        let (mut client_app, mut client) = tokio::io::duplex(64);
+        let (mut server, mut server_app) = tokio::io::duplex(64);
+        let pump =
+            tokio::spawn(
+                async move { relay(&mut client, &mut server, b"", Watch::default()).await },
+            );
+        for _ in 0..3 {
+            client_app.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            server_app.read_exact(&mut got).await.unwrap();
+            server_app.write_all(b"pong").await.unwrap();
+            client_app.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"pong");
+            // The pump wrote "pong" and found both sides quiet in that same poll.
+            assert_eq!(HELD.with(|h| h.get()), 0);
+        }
+        drop(client_app);
+        drop(server_app);
+        let (n, _) = pump.await.unwrap();
+        assert_eq!(n.client_to_server, 12);
+        assert_eq!(HELD.with(|h| h.get()), 0);
     }
 
     #[tokio::test]
