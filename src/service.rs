@@ -142,9 +142,10 @@ async fn reload(proxy: &Arc<Proxy>, path: &Path, current: &mut Config) {
                 "STATUS=serving {} targets (reloaded)",
                 new.targets.len()
             ));
-            // The admin address and grace period are read at start only.
+            // The admin address and worker threads are read at start only.
             *current = Config {
                 admin_listen: current.admin_listen,
+                worker_threads: current.worker_threads,
                 ..new
             };
             "ok"
