@@ -11,15 +11,16 @@ use crate::relay::{Inspect, Verdict};
 pub struct Boundaries {
     /// Bytes of the current message still to come.
     rest: usize,
-    /// A header split across reads.
-    header: Vec<u8>,
+    /// A header split across reads: its first `header_len` bytes (no allocation per message).
+    header: [u8; 5],
+    header_len: usize,
     /// The type byte of the last message that started.
     last_type: u8,
 }
 
 impl Boundaries {
     pub fn at_boundary(&self) -> bool {
-        self.rest == 0 && self.header.is_empty()
+        self.rest == 0 && self.header_len == 0
     }
 
     /// On the client's stream: it sent Terminate, so the server closing is the normal end.
@@ -38,15 +39,16 @@ impl Inspect for Boundaries {
                 at += take;
                 continue;
             }
-            let need = 5 - self.header.len();
-            let take = need.min(data.len() - at);
-            self.header.extend_from_slice(&data[at..at + take]);
+            let take = (5 - self.header_len).min(data.len() - at);
+            self.header[self.header_len..self.header_len + take]
+                .copy_from_slice(&data[at..at + take]);
+            self.header_len += take;
             at += take;
-            if self.header.len() == 5 {
+            if self.header_len == 5 {
                 self.last_type = self.header[0];
                 let len = (&self.header[1..5]).get_i32().max(4) as usize;
                 self.rest = len - 4;
-                self.header.clear();
+                self.header_len = 0;
             }
         }
         Verdict::Pass(data.len())
