@@ -547,23 +547,14 @@ def report(args, results, out_dir):
         m = {p: med([x["tps"] for x in rows[p]]) for p in paths}
         L.append("| %s | " % c + " | ".join("%.0f" % m[p] for p in paths) + " | " +
                  " | ".join("%.2f" % (m[p] / m["direct"]) for p in paths[1:]) + " | %s |" % TARGETS.get(c, ""))
-    L.append("")
-    L.append("CPU time the path's own process spent per transaction (µs, median of rounds; the direct "
-             "path has no process of its own):")
-    L.append("")
-    L.append("| clients | " + " | ".join(paths[1:]) + " |")
-    L.append("|---" * len(paths) + "|")
-    for c, rows in results["pgbench"].items():
-        L.append("| %s | " % c + " | ".join("%.1f" % med([x["cpu_us_per_txn"] for x in rows[p]])
-                                           for p in paths[1:]) + " |")
-    L.append("")
-    L.append("Voluntary context switches (wake-ups) of the path's process per transaction:")
-    L.append("")
-    L.append("| clients | " + " | ".join(paths[1:]) + " |")
-    L.append("|---" * len(paths) + "|")
-    for c, rows in results["pgbench"].items():
-        L.append("| %s | " % c + " | ".join("%.2f" % med([x["wakeups_per_txn"] for x in rows[p]])
-                                           for p in paths[1:]) + " |")
+    for title, key, fmt in (
+            ("CPU time the path's own process spent per transaction (µs, median of rounds; the direct "
+             "path has no process of its own):", "cpu_us_per_txn", "%.1f"),
+            ("Voluntary context switches (wake-ups) of the path's process per transaction:",
+             "wakeups_per_txn", "%.2f")):
+        L += ["", title, "", "| clients | " + " | ".join(paths[1:]) + " |", "|---" * len(paths) + "|"]
+        for c, rows in results["pgbench"].items():
+            L.append("| %s | " % c + " | ".join(fmt % med([x[key] for x in rows[p]]) for p in paths[1:]) + " |")
     if results.get("syscalls"):
         L.append("")
         L.append("System calls of the path's process per transaction (strace -c -f, pgbench -S, 8 clients):")
