@@ -34,6 +34,14 @@ pub struct UpstreamErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsHandshakeLabels {
+    pub target: String,
+    pub engine: String,
+    /// full, resumed
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
     pub target: String,
     pub engine: String,
@@ -77,6 +85,7 @@ pub struct Metrics {
     pub active: Family<TargetLabels, Gauge>,
     pub handshake: HistogramFamily<TargetLabels>,
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub upstream_tls_handshakes: Family<TlsHandshakeLabels, Counter>,
     pub bytes: Family<BytesLabels, Counter>,
     pub tokens_minted: Family<TokenLabels, Counter>,
     pub token_expiry: Family<TokenLabels, Gauge>,
@@ -101,6 +110,7 @@ impl Metrics {
             active: Family::default(),
             handshake: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
+            upstream_tls_handshakes: Family::default(),
             bytes: Family::default(),
             tokens_minted: Family::default(),
             token_expiry: Family::default(),
@@ -137,6 +147,11 @@ impl Metrics {
             "upstream_errors",
             "Upstream connect and TLS failures, by kind",
             m.upstream_errors.clone(),
+        );
+        r.register(
+            "upstream_tls_handshakes",
+            "Completed TLS handshakes toward the server, by kind (full, resumed from a session ticket)",
+            m.upstream_tls_handshakes.clone(),
         );
         r.register_with_unit(
             "relayed",

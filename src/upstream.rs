@@ -1,16 +1,17 @@
 //! Dialing the upstream, shared by both engines: fresh DNS per connection (failover moves
 //! the name), a bounded connect, TCP_NODELAY and keepalive, then TLS for the endpoint name.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
+use rustls::HandshakeKind;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::failure::Failure;
+use crate::metrics::{metrics, TlsHandshakeLabels};
+use crate::proxy::TargetRuntime;
 
 /// Connect to `addr` within `timeout`.
 pub async fn dial(addr: &str, timeout: Duration) -> Result<TcpStream, Failure> {
@@ -63,25 +64,43 @@ pub fn tune(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
 }
 
-/// Run the TLS handshake on an established stream, bounded by `timeout`.
+/// Run the TLS handshake on an established stream, bounded by the target's connect_timeout.
+/// The client config is shared by the target's connections, so a server that issues session
+/// tickets gets a resumed (cheaper) handshake on reconnect; the metric tells which happened.
 pub async fn tls(
     stream: TcpStream,
-    config: Arc<rustls::ClientConfig>,
-    name: ServerName<'static>,
-    host: &str,
+    target: &TargetRuntime,
     addr: &str,
-    timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, Failure> {
-    let connector = TlsConnector::from(config);
-    match tokio::time::timeout(timeout, connector.connect(name, stream)).await {
-        Ok(Ok(s)) => Ok(s),
+    let cfg = &target.cfg;
+    let connector = TlsConnector::from(target.tls.clone());
+    let handshake = connector.connect(target.server_name.clone(), stream);
+    match tokio::time::timeout(cfg.connect_timeout, handshake).await {
+        Ok(Ok(s)) => {
+            let kind = match s.get_ref().1.handshake_kind() {
+                Some(HandshakeKind::Resumed) => "resumed",
+                _ => "full",
+            };
+            metrics()
+                .upstream_tls_handshakes
+                .get_or_create(&TlsHandshakeLabels {
+                    target: cfg.name.clone(),
+                    engine: cfg.engine.as_str().to_string(),
+                    kind: kind.to_string(),
+                })
+                .inc();
+            Ok(s)
+        }
         Ok(Err(e)) => Err(Failure::Tls {
             addr: addr.to_string(),
-            reason: crate::tls::describe_error(&e, host),
+            reason: crate::tls::describe_error(&e, &cfg.host),
         }),
         Err(_) => Err(Failure::Tls {
             addr: addr.to_string(),
-            reason: format!("handshake not finished within {} s", timeout.as_secs()),
+            reason: format!(
+                "handshake not finished within {} s",
+                cfg.connect_timeout.as_secs()
+            ),
         }),
     }
 }

@@ -366,3 +366,111 @@ async fn a_silent_upstream_is_given_up_after_connect_timeout() {
     );
     drop(silent);
 }
+
+/// stunnel (OpenSSL, session tickets on) terminating the PostgreSQL TLS negotiation in front
+/// of the lab's server, then negotiating TLS to it again: a server that offers resumption,
+/// where PostgreSQL itself does not. Killed on drop.
+struct TicketingFront {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl TicketingFront {
+    fn start(lab: &Lab) -> TicketingFront {
+        let (port, inner) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("rip-stunnel-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("stunnel.log");
+        let conf = format!(
+            "foreground = yes\npid =\ndebug = info\noutput = {log}\n\
+             [front]\nclient = no\nprotocol = pgsql\naccept = 127.0.0.1:{port}\n\
+             connect = 127.0.0.1:{inner}\ncert = {cert}\nkey = {key}\n\
+             [back]\nclient = yes\nprotocol = pgsql\naccept = 127.0.0.1:{inner}\n\
+             connect = 127.0.0.1:{pg}\nverifyChain = yes\nCAfile = {ca}\ncheckHost = localhost\n",
+            log = log.display(),
+            cert = lab.s("/server_cert_file"),
+            key = lab.s("/server_key_file"),
+            ca = lab.s("/ca_file"),
+            pg = lab.pg_port(),
+        );
+        let path = dir.join("stunnel.conf");
+        std::fs::write(&path, conf).unwrap();
+        let child = std::process::Command::new("stunnel4")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("stunnel4 (deploy/lab/install-deps.sh installs it)");
+        eventually(Duration::from_secs(10), "stunnel listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+        TicketingFront { child, port, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stunnel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TicketingFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn reconnects_resume_the_tls_session_where_the_server_offers_tickets() {
+    let lab = Lab::get();
+    let front = TicketingFront::start(&lab);
+    let sess = session("resume");
+    // Dialed through the front; the token still names the server's own endpoint.
+    let ticketed = TargetSpec::new(&lab, "ticketed", &sess)
+        .set("connect_to", &format!("\"127.0.0.1:{}\"", front.port));
+    // PostgreSQL itself turns session caching and tickets off: every handshake is full.
+    let plain = TargetSpec::new(&lab, "unticketed", &sess);
+    let proxy = ProxyProcess::start(
+        &lab,
+        &format!("{}{}", ticketed.toml(), plain.toml()),
+        &[ticketed.port, plain.port],
+        &["--log-level", "debug"],
+    );
+    for spec in [&ticketed, &plain] {
+        for _ in 0..3 {
+            let (ok, out, err) = psql(spec.port, "bytebase", "postgres", "select current_user");
+            assert!(ok && out == "bytebase", "{}: {out} {err}", spec.name);
+        }
+    }
+
+    let (_, m) = proxy.admin("/metrics");
+    let count = |target: &str, kind: &str| {
+        sample(
+            &m,
+            &format!("rds_iam_proxy_upstream_tls_handshakes_total{{target=\"{target}\",engine=\"postgres\",kind=\"{kind}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (count("ticketed", "full"), count("ticketed", "resumed")),
+        (1.0, 2.0),
+        "{m}"
+    );
+    assert_eq!(
+        (count("unticketed", "full"), count("unticketed", "resumed")),
+        (3.0, 0.0),
+        "{m}"
+    );
+    // The server side agrees: stunnel resumed two sessions.
+    let log = front.log();
+    assert_eq!(log.matches("previous session reused").count(), 2, "{log}");
+    // Each login still presented a fresh token check at the real server (PAM).
+    assert!(
+        lab.verifications(&sess)
+            .iter()
+            .filter(|r| r["ok"] == true)
+            .count()
+            >= 6
+    );
+}

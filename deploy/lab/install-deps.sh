@@ -20,6 +20,8 @@ have javac || need+=(default-jdk-headless)
 # promtool lints the /metrics output; systemd-analyze rates the unit's hardening.
 have promtool || need+=(prometheus)
 have systemd-analyze || need+=(systemd)
+# stunnel terminates TLS with session tickets in front of the lab's PostgreSQL (resumption test).
+have stunnel4 || need+=(stunnel4)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

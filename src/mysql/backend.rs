@@ -155,15 +155,7 @@ pub async fn login(
         .with_mariadb_capabilities(maria)
         .serialize(&mut ssl);
     write_packet(&mut tcp, 1, &ssl).await.map_err(lost)?;
-    let mut stream = crate::upstream::tls(
-        tcp,
-        target.tls.clone(),
-        target.server_name.clone(),
-        &cfg.host,
-        addr,
-        cfg.connect_timeout,
-    )
-    .await?;
+    let mut stream = crate::upstream::tls(tcp, target, addr).await?;
 
     // Fetched after the dial and TLS, so the token is as fresh as it can be when used.
     let token = target

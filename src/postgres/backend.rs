@@ -63,15 +63,7 @@ pub async fn open_tls(
             )))
         }
     }
-    crate::upstream::tls(
-        tcp,
-        target.tls.clone(),
-        target.server_name.clone(),
-        &cfg.host,
-        addr,
-        cfg.connect_timeout,
-    )
-    .await
+    crate::upstream::tls(tcp, target, addr).await
 }
 
 /// Open an authenticated session for the client's startup parameters.
