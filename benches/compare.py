@@ -14,13 +14,18 @@ Paths (PostgreSQL):
   pgbouncer client -> plain -> pgbouncer (session pool) -> TLS -> server, lab_pass
   relay    client -> plain -> minimal relay (SSLRequest + TLS, copy_bidirectional) -> server, lab_md5
 
-Processes are not pinned: the server, the client (pgbench, sysbench, psql) and the path
-under test share the machine's cores as the scheduler places them, as a sidecar would.
+Placement (--placement):
+  shared  nothing pinned: the server, the client (pgbench, sysbench, psql) and the path under
+          test share the machine's cores as the scheduler places them (the default).
+  split   the database servers pinned to the last CPU, everything else (this script, the
+          clients and the path under test) to the first: the shape of production, where the
+          proxy runs beside the application and RDS on hosts of its own.
 """
 import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -79,6 +84,58 @@ def switches(pid):
         except FileNotFoundError:
             pass
     return vol, inv
+
+
+def server_cpu_seconds(pid):
+    """CPU of a server process, its threads and its children, live (a pooler's backends) or
+    reaped (PostgreSQL's backends exit with their connections and land in the postmaster's
+    cutime/cstime)."""
+    def ticks(p, n):
+        try:
+            with open("/proc/%d/stat" % p) as f:
+                return sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:11 + n])
+        except FileNotFoundError:
+            return 0  # exited meanwhile: counted once reaped
+    live = run(["pgrep", "-P", str(pid)], check=False).stdout.split()
+    return (ticks(pid, 4) + sum(ticks(int(c), 2) for c in live)) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu():
+    """CPU of this script's reaped children: the client programs (pgbench)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def machine_ticks():
+    """(busy, all) clock ticks of every CPU since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def place(args, lab):
+    """--placement split: servers on the last CPU, this script and all it starts on the first."""
+    if args.placement != "split":
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--placement split needs two CPUs")
+    pids = [lab.pg["pid"]] + ([lab.my["pid"]] if lab.my else [])
+    pids += [int(x) for x in run(["pgrep", "-P", str(lab.pg["pid"])], check=False).stdout.split()]
+    for pid in pids:
+        # -a: every thread; PostgreSQL's later backends inherit the postmaster's mask, MariaDB's
+        # later connection threads that of the thread that creates them.
+        run(["taskset", "-a", "-p", "-c", str(cpus[-1]), str(pid)])
+    os.sched_setaffinity(0, {cpus[0]})
+    log("placement split: servers on CPU %d, clients and paths on CPU %d" % (cpus[-1], cpus[0]))
+
+
+def unplace(args, lab):
+    if args.placement == "split":
+        pids = [lab.pg["pid"]] + ([lab.my["pid"]] if lab.my else [])
+        pids += [int(x) for x in run(["pgrep", "-P", str(lab.pg["pid"])], check=False).stdout.split()]
+        for pid in pids:
+            run(["taskset", "-a", "-p", "-c", "0-%d" % (os.cpu_count() - 1), str(pid)], check=False)
 
 
 def cpu_model():
@@ -272,9 +329,15 @@ def bench_pgbench(args, lab, procs, paths, results):
         for r in range(args.rounds):
             for path in paths:
                 env = pg_conn(path, procs, lab, "pass")
+                srv, kids, (busy, ticks) = server_cpu_seconds(lab.pg["pid"]), children_cpu(), machine_ticks()
                 (tps, txns), cpu, sw = measured(procs, path, lambda: pgbench(env, clients, args.seconds))
+                busy2, ticks2 = machine_ticks()
+                time.sleep(0.3)  # the backends exit and are reaped into the postmaster's account
                 rows[path].append({"tps": tps, "cpu_us_per_txn": cpu * 1e6 / txns if cpu is not None else None,
-                                   "wakeups_per_txn": sw / txns if sw is not None else None})
+                                   "wakeups_per_txn": sw / txns if sw is not None else None,
+                                   "server_us_per_txn": (server_cpu_seconds(lab.pg["pid"]) - srv) * 1e6 / txns,
+                                   "client_us_per_txn": (children_cpu() - kids) * 1e6 / txns,
+                                   "busy": (busy2 - busy) / (ticks2 - ticks)})
                 log("pgbench -S c=%d round %d %-10s %9.0f tps%s" % (
                     clients, r + 1, path, tps, "" if cpu is None else
                     "  %.1f µs CPU/txn, %.2f wake-ups/txn in the path" % (cpu * 1e6 / txns, sw / txns)))
@@ -532,9 +595,13 @@ def report(args, results, out_dir):
         json.dump(results, f, indent=1)
     L = []
     m = results["machine"]
-    L.append("Machine: %s, %d CPUs, Linux %s; %s. Processes not pinned: server, client and the path "
-             "under test share the CPUs as the scheduler places them." % (m["cpu"], m["cpus"], m["kernel"],
-                                                                          m["when"]))
+    placement = results["settings"].get("placement", "shared")
+    L.append("Machine: %s, %d CPUs, Linux %s; %s. %s" % (
+        m["cpu"], m["cpus"], m["kernel"], m["when"],
+        "Placement split: the database servers pinned to the last CPU; the clients and the path under test "
+        "to the first." if placement == "split" else
+        "Processes not pinned: server, client and the path under test share the CPUs as the scheduler "
+        "places them."))
     L.append("")
     L.append("## PostgreSQL `pgbench -S` (select-only), tps, median of %d rounds of %d s" % (
         args.rounds, args.seconds))
@@ -555,6 +622,19 @@ def report(args, results, out_dir):
         L += ["", title, "", "| clients | " + " | ".join(paths[1:]) + " |", "|---" * len(paths) + "|"]
         for c, rows in results["pgbench"].items():
             L.append("| %s | " % c + " | ".join(fmt % med([x[key] for x in rows[p]]) for p in paths[1:]) + " |")
+    if any("busy" in x for rows in results["pgbench"].values() for r in rows.values() for x in r):
+        L += ["", "CPU per transaction by process, µs (client = pgbench, server = PostgreSQL with its backends, "
+              "path = the process in between), and how busy the machine's CPUs were:", "",
+              "| clients | path | client | server | path | sum | CPUs busy |", "|---|---|---|---|---|---|---|"]
+        for c, rows in results["pgbench"].items():
+            for p in paths:
+                v = {k: med([x.get(k) for x in rows[p]]) for k in
+                     ("client_us_per_txn", "server_us_per_txn", "cpu_us_per_txn", "busy")}
+                own = v["cpu_us_per_txn"] or 0.0
+                L.append("| %s | %s | %.1f | %.1f | %s | %.1f | %.0f %% |" % (
+                    c, p, v["client_us_per_txn"], v["server_us_per_txn"],
+                    "-" if v["cpu_us_per_txn"] is None else "%.1f" % own,
+                    v["client_us_per_txn"] + v["server_us_per_txn"] + own, 100 * v["busy"]))
     if results.get("syscalls"):
         L.append("")
         L.append("System calls of the path's process per transaction (strace -c -f, pgbench -S, 8 clients):")
@@ -665,6 +745,8 @@ def main():
     ap.add_argument("--relay", help="minimal relay binary (benches/minimal_relay.rs)")
     ap.add_argument("--proxy-workers", type=int, help="[proxy] worker_threads for the proxy (default: its own)")
     ap.add_argument("--out", required=True, help="directory for results.json, results.md, chart.png")
+    ap.add_argument("--placement", choices=("shared", "split"), default="shared",
+                    help="shared: nothing pinned; split: servers on the last CPU, the rest on the first")
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
@@ -688,6 +770,7 @@ def main():
     work = tempfile.mkdtemp(prefix="rip-compare-")
     os.chmod(work, 0o755)
     procs = {}
+    place(args, lab)
     try:
         log("preparing pgbench tables (scale 1) in appdb")
         run(["pgbench", "-i", "-q", "-s", "1", "-h", lab.pg["socket_dir"], "-p", str(lab.pg["port"]), "-U",
@@ -727,6 +810,7 @@ def main():
     finally:
         for p in procs.values():
             p.stop()
+        unplace(args, lab)
         shutil.rmtree(work, ignore_errors=True)
 
 
