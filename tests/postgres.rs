@@ -474,3 +474,83 @@ async fn reconnects_resume_the_tls_session_where_the_server_offers_tickets() {
             >= 6
     );
 }
+
+/// The proxy's connected TCP sockets, duplicated into this process (pidfd_getfd, as root),
+/// with their local and peer ports.
+fn proxy_tcp_sockets(pid: u32) -> Vec<(socket2::Socket, u16, u16)> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscalls on integers; a returned descriptor is owned by the Socket.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) } as i32;
+    assert!(
+        pidfd >= 0,
+        "pidfd_open: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let entry = entry.unwrap();
+        let link = std::fs::read_link(entry.path()).unwrap_or_default();
+        if !link.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let n: i32 = entry.file_name().to_str().unwrap().parse().unwrap();
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, n, 0) } as i32;
+        if fd < 0 {
+            continue; // closed meanwhile
+        }
+        let s = unsafe { socket2::Socket::from_raw_fd(fd) };
+        let ends = (s.local_addr(), s.peer_addr());
+        if let (Ok(local), Ok(peer)) = ends {
+            if let (Some(l), Some(p)) = (local.as_socket(), peer.as_socket()) {
+                out.push((s, l.port(), p.port()));
+            }
+        }
+    }
+    unsafe { libc::close(pidfd) };
+    out
+}
+
+#[tokio::test]
+async fn both_legs_of_a_session_send_small_packets_at_once() {
+    // TCP_NODELAY on the client's and the server's socket: without it a query written in
+    // two pieces waits for the peer's delayed ACK (up to 40 ms) on either leg.
+    let lab = Lab::get();
+    let sess = session("nodelay");
+    let spec = TargetSpec::new(&lab, "orders", &sess);
+    let proxy = start_one(&lab, &spec);
+    let client = pg(spec.port, "bytebase", "postgres").await.unwrap();
+    client.simple_query("select 1").await.unwrap();
+
+    let sockets = proxy_tcp_sockets(proxy.pid());
+    let client_leg: Vec<_> = sockets.iter().filter(|s| s.1 == spec.port).collect();
+    let server_leg: Vec<_> = sockets.iter().filter(|s| s.2 == lab.pg_port()).collect();
+    assert_eq!((client_leg.len(), server_leg.len()), (1, 1), "{sockets:?}");
+    for (s, local, peer) in client_leg.iter().chain(&server_leg) {
+        assert!(
+            s.tcp_nodelay().unwrap(),
+            "{local} -> {peer} without TCP_NODELAY"
+        );
+    }
+    // Keepalive toward the server: a peer gone behind a NAT is noticed.
+    assert!(server_leg[0].0.keepalive().unwrap());
+}
+
+#[tokio::test]
+async fn the_ca_bundle_is_read_once_not_per_connection() {
+    // The verifier is built from ca_file at start (and on reload), not per connection: a
+    // bundle removed after start does not break new sessions.
+    let lab = Lab::get();
+    let sess = session("ca-once");
+    let ca = std::env::temp_dir().join(format!("rip-ca-once-{}.pem", std::process::id()));
+    std::fs::copy(lab.s("/ca_file"), &ca).unwrap();
+    let spec =
+        TargetSpec::new(&lab, "orders", &sess).set("ca_file", &format!("\"{}\"", ca.display()));
+    let _proxy = start_one(&lab, &spec);
+    let (ok, _, err) = psql(spec.port, "bytebase", "postgres", "select 1");
+    assert!(ok, "{err}");
+    std::fs::remove_file(&ca).unwrap();
+    for _ in 0..2 {
+        let (ok, out, err) = psql(spec.port, "bytebase", "postgres", "select current_user");
+        assert!(ok && out == "bytebase", "{out} {err}");
+    }
+}
