@@ -113,6 +113,12 @@ def machine_ticks():
     return sum(v) - v[3] - v[4], sum(v)
 
 
+def server_pids(lab):
+    """The lab's database server processes: PostgreSQL's postmaster and its children, mariadbd."""
+    pids = [lab.pg["pid"]] + ([lab.my["pid"]] if lab.my else [])
+    return pids + [int(x) for x in run(["pgrep", "-P", str(lab.pg["pid"])], check=False).stdout.split()]
+
+
 def place(args, lab):
     """--placement split: servers on the last CPU, this script and all it starts on the first."""
     if args.placement != "split":
@@ -120,9 +126,7 @@ def place(args, lab):
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("--placement split needs two CPUs")
-    pids = [lab.pg["pid"]] + ([lab.my["pid"]] if lab.my else [])
-    pids += [int(x) for x in run(["pgrep", "-P", str(lab.pg["pid"])], check=False).stdout.split()]
-    for pid in pids:
+    for pid in server_pids(lab):
         # -a: every thread; PostgreSQL's later backends inherit the postmaster's mask, MariaDB's
         # later connection threads that of the thread that creates them.
         run(["taskset", "-a", "-p", "-c", str(cpus[-1]), str(pid)])
@@ -132,9 +136,7 @@ def place(args, lab):
 
 def unplace(args, lab):
     if args.placement == "split":
-        pids = [lab.pg["pid"]] + ([lab.my["pid"]] if lab.my else [])
-        pids += [int(x) for x in run(["pgrep", "-P", str(lab.pg["pid"])], check=False).stdout.split()]
-        for pid in pids:
+        for pid in server_pids(lab):
             run(["taskset", "-a", "-p", "-c", "0-%d" % (os.cpu_count() - 1), str(pid)], check=False)
 
 
